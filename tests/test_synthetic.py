@@ -1,0 +1,105 @@
+"""Synthetic dataset: deterministic, cached by its parameters, written atomically, and covering COCO's size buckets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conddetr.data import synthetic
+from conddetr.data.coco import CocoDetection, read_annotation_file
+from conddetr.data.synthetic import CATEGORY_IDS, ensure_synthetic_dataset, synthetic_paths
+
+PARAMS = {"seed": 5, "image_size": 128, "num_train": 40, "num_val": 8}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("cache"), **PARAMS)
+
+
+def test_same_seed_same_bytes_other_seed_differs(root, tmp_path):
+    again = ensure_synthetic_dataset(tmp_path, **PARAMS)
+    for split in ("train", "val"):
+        images, annotations = synthetic_paths(root, split)
+        images_again, annotations_again = synthetic_paths(again, split)
+        assert annotations.read_text() == annotations_again.read_text()
+        for path in sorted(images.iterdir()):
+            assert path.read_bytes() == (images_again / path.name).read_bytes(), path.name
+    other = ensure_synthetic_dataset(tmp_path, **{**PARAMS, "seed": 6})
+    assert other != again
+    assert synthetic_paths(other, "val")[1].read_text() != synthetic_paths(again, "val")[1].read_text()
+
+
+def test_cached_dataset_is_reused(root, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("generated again although the cache holds this parameter set")
+
+    monkeypatch.setattr(synthetic, "generate_split", fail)
+    assert ensure_synthetic_dataset(root.parent, **PARAMS) == root
+
+
+def test_crash_leaves_nothing_to_reuse(tmp_path, monkeypatch):
+    real = synthetic.generate_split
+
+    def crash_on_val(out_dir, annotation_file, seed, split, *args):
+        if split == 1:
+            raise KeyboardInterrupt  # e.g. a job killed half way
+        return real(out_dir, annotation_file, seed, split, *args)
+
+    monkeypatch.setattr(synthetic, "generate_split", crash_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic_dataset(tmp_path, **PARAMS)
+    assert list(tmp_path.iterdir()) == []  # neither the final folder nor a temp folder is left behind
+    monkeypatch.setattr(synthetic, "generate_split", real)
+    root = ensure_synthetic_dataset(tmp_path, **PARAMS)
+    assert len(read_annotation_file(synthetic_paths(root, "val")[1])["images"]) == PARAMS["num_val"]
+
+
+def test_content_matches_the_spec(root):
+    images_dir, annotation_file = synthetic_paths(root, "train")
+    data = json.loads(annotation_file.read_text())
+    assert [c["id"] for c in data["categories"]] == list(CATEGORY_IDS)
+    assert len(data["images"]) == PARAMS["num_train"]
+    per_image = np.bincount([a["image_id"] for a in data["annotations"]], minlength=PARAMS["num_train"] + 1)[1:]
+    assert per_image.min() >= 1 and per_image.max() <= 10
+    boxes = np.array([a["bbox"] for a in data["annotations"]])  # [N, 4] xywh
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, :2] + boxes[:, 2:] <= 128).all() and (boxes[:, 2:] >= 1).all()
+    areas = np.array([a["area"] for a in data["annotations"]])
+    # COCO's absolute buckets (32^2, 96^2 pixels) all occur at 128 px.
+    assert (areas < 32**2).any() and ((areas >= 32**2) & (areas < 96**2)).any() and (areas >= 96**2).any()
+    assert len({a["category_id"] for a in data["annotations"]}) == len(CATEGORY_IDS)
+    image = Image.open(images_dir / data["images"][0]["file_name"])
+    assert image.size == (128, 128) and image.mode == "RGB"
+
+
+def test_render_image_objects_inside_the_image():
+    rng = np.random.default_rng(0)
+    pixels, objects = synthetic.render_image(rng, 96)
+    assert pixels.shape == (96, 96, 3) and pixels.dtype == np.uint8 and 1 <= len(objects) <= 10
+    for shape, (x, y, w, h) in objects:
+        assert 0 <= shape < len(synthetic.SHAPES) and w >= 1 and h >= 1
+        assert x + w <= 96 and y + h <= 96
+
+
+def test_read_through_the_coco_path(root):
+    images_dir, annotation_file = synthetic_paths(root, "val")
+    ds = CocoDetection(images_dir, annotation_file)
+    image, target = ds[0]
+    assert image.shape == (3, 128, 128)
+    assert set(target["labels"].tolist()) <= set(CATEGORY_IDS)
+
+
+def test_too_small_images_rejected(tmp_path):
+    with pytest.raises(ValueError, match="image_size must be at least 32"):
+        ensure_synthetic_dataset(tmp_path, seed=0, image_size=16, num_train=1, num_val=1)
+
+
+def test_worker_processes_give_identical_output(tmp_path):
+    for workers in (1, 2):
+        synthetic.generate_split(tmp_path / f"w{workers}", tmp_path / f"w{workers}.json", 1, 0, 12, 64, workers)
+    assert (tmp_path / "w1.json").read_text() == (tmp_path / "w2.json").read_text()
+    for path in sorted((tmp_path / "w1").iterdir()):
+        assert path.read_bytes() == (tmp_path / "w2" / path.name).read_bytes()
