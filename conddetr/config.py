@@ -1,11 +1,31 @@
-"""Typed experiment schema (OmegaConf structured dataclasses) and `load_config`.
+"""Typed experiment schema (OmegaConf structured dataclasses), `load_config`, saving and sweep expansion.
 
 The only module in `conddetr` that reads YAML. Defaults are the published COCO recipe for Conditional DETR R50.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import functools
+import hashlib
+import itertools
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_NAME = "config.yaml"  # resolved config saved in every run folder
+COMMAND_LINE = "command line"  # source name used in errors about overrides
+
+
+class ConfigError(ValueError):
+    """A spec, override or saved config that does not fit the schema; the message names key and source."""
 
 
 @dataclass
@@ -132,3 +152,409 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# Allowed values of the string "enum" fields (kept as str so published argparse names map one to one).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.variant": ("conditional", "detr"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.position_embedding": ("sine", "learned"),
+    "data.dataset": ("synthetic", "coco"),
+    "data.label_mapping": ("category_id", "contiguous"),
+    "optim.amp": ("none", "bf16", "fp16"),
+    "tracking.wandb_mode": ("online", "offline", "disabled"),
+    "device": ("auto", "cpu", "cuda"),  # "cuda:N" is accepted too
+}
+
+
+def _positive(v: Any) -> bool:
+    return v >= 1
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _scales(v: Any) -> bool:
+    return len(v) > 0 and all(s >= 1 for s in v)
+
+
+# Range checks: key -> (predicate, what the value must be).
+_RULES: dict[str, tuple[Any, str]] = {
+    "model.hidden_dim": (
+        lambda v: v >= 2 and v % 2 == 0,
+        "an even integer >= 2 (sine embedding uses hidden_dim/2 per axis)",
+    ),
+    "model.nheads": (_positive, ">= 1"),
+    "model.enc_layers": (_non_negative, ">= 0"),
+    "model.dec_layers": (_positive, ">= 1"),
+    "model.dim_feedforward": (_positive, ">= 1"),
+    "model.num_queries": (_positive, ">= 1"),
+    "model.num_classes": (lambda v: v is None or v >= 1, "null (derive from the data) or >= 1"),
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    **{f"loss.{k}": (_non_negative, ">= 0") for k in ("set_cost_class", "set_cost_bbox", "set_cost_giou")},
+    **{f"loss.{k}": (_non_negative, ">= 0") for k in ("cls_loss_coef", "bbox_loss_coef", "giou_loss_coef")},
+    "loss.focal_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "loss.eos_coef": (_non_negative, ">= 0"),
+    "data.synthetic.image_size": (lambda v: v >= 16, ">= 16 pixels"),
+    "data.synthetic.num_train": (_positive, ">= 1"),
+    "data.synthetic.num_val": (_positive, ">= 1"),
+    "data.train_scales": (_scales, "a non-empty list of sizes >= 1"),
+    "data.crop_resize_scales": (_scales, "a non-empty list of sizes >= 1"),
+    "data.crop_min_size": (_positive, ">= 1"),
+    "data.crop_max_size": (_positive, ">= 1"),
+    "data.max_size": (_positive, ">= 1"),
+    "data.val_scale": (_positive, ">= 1"),
+    "data.batch_size": (_positive, ">= 1"),
+    "data.num_workers": (_non_negative, ">= 0"),
+    **{f"optim.{k}": (_non_negative, ">= 0") for k in ("lr", "lr_backbone", "weight_decay", "clip_max_norm")},
+    "optim.epochs": (_non_negative, ">= 0"),
+    "optim.lr_drop_epoch": (_non_negative, ">= 0"),
+    "optim.accum_steps": (_positive, ">= 1"),
+    "eval.every_epochs": (_positive, ">= 1"),
+    "tracking.log_every_steps": (_positive, ">= 1"),
+    "checkpoint_every_epochs": (_non_negative, ">= 0 (0: only the rolling latest checkpoint)"),
+    **{f"launch.{k}": (_positive, ">= 1") for k in ("nodes", "cpus_per_task", "mem_gb", "timeout_min")},
+    "launch.gpus_per_node": (_non_negative, ">= 0"),
+    "launch.array_parallelism": (_positive, ">= 1"),
+}
+
+_Source = tuple[str, dict]  # (name used in messages, plain nested dict)
+
+
+def load_config(spec_path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Schema defaults <- spec YAML (after its `base` chain) <- `key=value` overrides, then validated.
+
+    Returns a structured, writable DictConfig (struct mode: assigning an unknown key or a wrong type still fails).
+    When no source sets `name`, it defaults to the spec file's stem. Raises ConfigError naming key and source.
+    """
+    sources: list[_Source] = []
+    if spec_path is not None:
+        sources += _read_spec_chain(Path(spec_path), seen=())
+    sources += [(f"{COMMAND_LINE} override '{item}'", _parse_override(item)) for item in overrides]
+    cfg, provenance = _build(sources)
+    if spec_path is not None and "name" not in provenance:
+        cfg.name = Path(spec_path).stem
+    _validate(cfg, provenance)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically); a folder gets `CONFIG_NAME` inside it. Returns the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # a preempted job never leaves a half-written config behind
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def config_to_dict(cfg: DictConfig) -> dict:
+    """Plain nested dict (str/int/float/bool/None/list/dict), safe in a `weights_only=True` checkpoint."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def config_from_dict(data: Mapping, overrides: Iterable[str] = (), source: str = "saved config") -> DictConfig:
+    """Back from `config_to_dict` output (checkpoint, config.yaml) to a validated config, for resume and eval."""
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=False)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source} must be a mapping of config keys, got {type(data).__name__}")
+    sources = [(source, dict(data))]
+    sources += [(f"{COMMAND_LINE} override '{item}'", _parse_override(item)) for item in overrides]
+    cfg, provenance = _build(sources)
+    _validate(cfg, provenance)
+    return cfg
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and OmegaConf grammar errors
+        raise ConfigError(f"cannot parse YAML in {path}: {e}") from e
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of keys, not a {type(node).__name__}")
+    return OmegaConf.to_container(node, resolve=False)
+
+
+def _read_spec_chain(path: Path, seen: tuple[Path, ...]) -> list[_Source]:
+    """The spec and, first, the specs it names through `base:` (resolved relative to the naming file)."""
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"'base' chain loops back to {path}")
+    data = _read_yaml_mapping(path)
+    base = data.pop("base", None)
+    chain: list[_Source] = []
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"'base' in {path} must be the path of another spec, relative to {path}")
+        chain = _read_spec_chain(path.parent / base, seen + (resolved,))
+    return chain + [(str(path), data)]
+
+
+def _parse_override(item: str) -> dict:
+    key, eq, _ = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"{COMMAND_LINE} override '{item}' is not of the form key=value")
+    if key[0] in "+~":
+        raise ConfigError(f"{COMMAND_LINE} override '{item}': adding or deleting keys is not allowed (fixed schema)")
+    try:
+        node = OmegaConf.from_dotlist([item])
+    except Exception as e:
+        raise ConfigError(f"cannot parse {COMMAND_LINE} override '{item}': {e}") from e
+    return OmegaConf.to_container(node, resolve=False)
+
+
+def _is_section(node: Any) -> bool:
+    return isinstance(node, DictConfig) and is_dataclass(OmegaConf.get_type(node))
+
+
+def _build(sources: Sequence[_Source]) -> tuple[DictConfig, dict[str, str]]:
+    """Merge sources onto the schema; returns the config and, per leaf key set, the source that set it last."""
+    cfg = OmegaConf.structured(Config)
+    provenance: dict[str, str] = {}
+    missing: dict[str, str] = {}  # keys whose latest value is "???", with the source that said so
+    for source, data in sources:
+        # Walk first: OmegaConf's own errors name neither the file nor the closest valid key.
+        _check_keys(cfg, data, "", source, provenance, missing)
+        try:
+            cfg.merge_with(data)  # in place: OmegaConf.merge deep-copies the whole tree per source
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"bad value for '{key}' in {source}: {reason}") from e
+    try:
+        OmegaConf.resolve(cfg)  # `${...}` interpolations in specs become plain values here
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        where = provenance.get(key, "the schema defaults")
+        raise ConfigError(f"cannot resolve '{key}' in {where}: {str(e).splitlines()[0]}") from e
+    if missing:
+        key, source = next(iter(missing.items()))
+        raise ConfigError(f"required value '{key}' is missing: {source} leaves it '???'; set it, e.g. {key}=...")
+    return cfg, provenance
+
+
+def _check_keys(node: DictConfig, data: dict, prefix: str, source: str, provenance: dict, missing: dict) -> None:
+    valid = set(node.keys())
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(f"unknown key '{full}' in {source}{_did_you_mean(full)}")
+        child = node._get_node(key)
+        if _is_section(child):
+            if not isinstance(value, dict):
+                keys = ", ".join(str(k) for k in child.keys())
+                raise ConfigError(f"'{full}' in {source} must be a section with keys ({keys}), got {value!r}")
+            _check_keys(child, value, f"{full}.", source, provenance, missing)
+            continue
+        if isinstance(value, dict) and not isinstance(child, DictConfig):
+            raise ConfigError(f"'{full}' in {source} is a single value, not a section; got {value!r}")
+        provenance[full] = source
+        if value == "???":
+            missing[full] = source
+        else:
+            missing.pop(full, None)
+
+
+@functools.cache
+def _schema_paths() -> tuple[str, ...]:
+    """Every dotted key of the schema, sections included (e.g. `data`, `data.synthetic.seed`)."""
+    paths: list[str] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node.keys():
+            paths.append(f"{prefix}{key}")
+            child = node._get_node(key)
+            if _is_section(child):
+                walk(child, f"{prefix}{key}.")
+
+    walk(OmegaConf.structured(Config), "")
+    return tuple(paths)
+
+
+def _did_you_mean(full: str) -> str:
+    paths = _schema_paths()
+    by_leaf: dict[str, list[str]] = {}
+    for p in paths:
+        by_leaf.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    leaf = full.rsplit(".", 1)[-1]
+    # A right name under the wrong section (`lr=...`, `model.lr`) is found by its last part.
+    close = by_leaf.get(leaf, [])
+    if not close:
+        ancestors = {full.rsplit(".", n)[0] for n in range(1, full.count(".") + 1)}
+        close = difflib.get_close_matches(full, [p for p in paths if p not in ancestors], n=1, cutoff=0.6)
+    if not close:
+        leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = by_leaf[leaves[0]] if leaves else []
+    if not close:
+        return "; valid keys are listed in conddetr/config.py"
+    return "; did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+
+
+def _validate(cfg: DictConfig, provenance: dict[str, str]) -> None:
+    def where(key: str) -> str:
+        return provenance.get(key, "the schema defaults")
+
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if key == "device" and isinstance(value, str) and re.fullmatch(r"cuda:\d+", value):
+            continue
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(f"{key}={value!r} in {where(key)} is not one of: {', '.join(allowed)}{suggestion}")
+    for key, (ok, requirement) in _RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} in {where(key)} must be {requirement}")
+
+    m, d = cfg.model, cfg.data
+    if m.hidden_dim % m.nheads:
+        raise ConfigError(
+            f"model.hidden_dim={m.hidden_dim} ({where('model.hidden_dim')}) must be divisible by "
+            f"model.nheads={m.nheads} ({where('model.nheads')})"
+        )
+    if not d.crop_min_size <= d.crop_max_size:
+        raise ConfigError(
+            f"data.crop_min_size={d.crop_min_size} ({where('data.crop_min_size')}) must be <= "
+            f"data.crop_max_size={d.crop_max_size} ({where('data.crop_max_size')})"
+        )
+    if d.crop_min_size > min(d.crop_resize_scales):
+        raise ConfigError(
+            f"data.crop_min_size={d.crop_min_size} ({where('data.crop_min_size')}) must fit in the "
+            f"smallest data.crop_resize_scales={min(d.crop_resize_scales)} "
+            f"({where('data.crop_resize_scales')}): the random crop is taken from that resize"
+        )
+    for key in ("data.train_scales", "data.val_scale"):
+        value = OmegaConf.select(cfg, key)
+        largest = max(value) if isinstance(value, Iterable) else value
+        if largest > d.max_size:
+            raise ConfigError(f"{key}={value} ({where(key)}) exceeds data.max_size={d.max_size}, the long-side cap")
+    if d.dataset == "coco" and not d.root:
+        needed = ["data.val_images", "data.val_annotations"]
+        if not cfg.eval.eval_only:
+            needed = ["data.train_images", "data.train_annotations", *needed]
+        unset = [k for k in needed if OmegaConf.select(cfg, k) is None]
+        if unset:
+            raise ConfigError(
+                f"required value 'data.root' is missing: data.dataset=coco ({where('data.dataset')}) "
+                f"needs data.root=/path/to/coco (or all of {', '.join(unset)})"
+            )
+
+
+SWEEP_KEYS = ("base", "grid", "runs")
+
+
+def load_sweep(path: str | os.PathLike) -> tuple[str, list[list[str]]]:
+    """Expand a sweep file into (base spec path, one override list per run); every run is validated.
+
+    Order: for each entry of `runs` (file order), every `grid` point (cartesian product, first key slowest).
+    """
+    path = Path(path)
+    data = _read_yaml_mapping(path)
+    for key in data:
+        if key not in SWEEP_KEYS:
+            hint = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
+            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(f"unknown key '{key}' in sweep {path} (valid: {', '.join(SWEEP_KEYS)}){suggestion}")
+    base = data.get("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"sweep {path} needs 'base': the spec path, relative to the sweep file")
+    base_path = os.path.normpath(path.parent / base)
+    grid = data.get("grid") or {}
+    runs = data.get("runs")
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"'grid' in sweep {path} must map each key to a non-empty list of values")
+    if runs is not None and not (isinstance(runs, list) and runs and all(isinstance(r, dict) for r in runs)):
+        raise ConfigError(f"'runs' in sweep {path} must be a non-empty list of override mappings ({{}} = base)")
+    if not grid and runs is None:
+        raise ConfigError(f"sweep {path} defines no runs: give 'grid', 'runs' or both")
+
+    points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
+    expanded: list[list[str]] = []
+    for index, run in enumerate(runs or [{}]):
+        run = _flatten(run)
+        for point in points:
+            both = sorted(set(point) & set(run))
+            if both:
+                raise ConfigError(f"sweep {path}: runs[{index}] sets {', '.join(both)}, which 'grid' also sweeps")
+            expanded.append([f"{k}={_format_value(v, path)}" for k, v in {**point, **run}.items()])
+
+    names: dict[str, list[str]] = {}
+    for overrides in expanded:
+        try:
+            load_config(base_path, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"sweep {path}, run {overrides}: {e}") from e
+        name = run_name_for(overrides)
+        if name in names:
+            raise ConfigError(f"sweep {path}: runs {names[name]} and {overrides} share the name '{name}'")
+        names[name] = overrides
+    return base_path, expanded
+
+
+def run_name_for(overrides: Sequence[str]) -> str:
+    """Readable, file-system-safe run name from overrides, e.g. `optim.lr=0.0002` -> `lr0.0002`; none -> `base`."""
+    parts = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        value = value.strip().strip("'\"")
+        clean = re.sub(r"[^A-Za-z0-9.+-]+", "-", value)
+        clean = (clean if value.startswith("-") else clean.lstrip("-")).rstrip("-") or "empty"
+        joiner = "" if re.match(r"[-+.\d]", clean) else "-"  # numbers read well glued: lr0.0002, variant-detr
+        parts.append(f"{_short_key(key.strip())}{joiner}{clean}")
+    name = "_".join(parts) or "base"
+    if len(name) > 120:  # file-system limits; the hash keeps long names unique
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
+
+
+def _short_key(key: str) -> str:
+    """Shortest dotted suffix naming one schema key: `optim.lr` -> `lr`, but `optim.seed` stays (data has one too)."""
+    parts = key.split(".")
+    paths = _schema_paths()
+    for n in range(1, len(parts)):
+        suffix = ".".join(parts[-n:])
+        if sum(p == suffix or p.endswith(f".{suffix}") for p in paths) <= 1:
+            return suffix
+    return key
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested run mappings ({model: {variant: detr}}) become dotted keys ({model.variant: detr})."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _format_value(value: Any, path: Path) -> str:
+    """Override text that OmegaConf's dotlist parser reads back as the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_format_value(v, path) for v in value) + "]"
+    if isinstance(value, str):
+        plain = re.fullmatch(r"[A-Za-z_/][\w./:-]*", value)
+        if plain and value.lower() not in ("null", "true", "false", "none", "nan", "inf"):
+            return value
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    raise ConfigError(f"sweep {path}: value {value!r} of type {type(value).__name__} cannot be an override")

@@ -1,0 +1,356 @@
+"""Run tracking: `metrics.jsonl` (always, on rank 0) and Weights & Biases (online/offline), plus readers for both.
+
+The only module that imports wandb (lazily). W&B problems never stop training: they warn once and fall back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import struct
+import tempfile
+import time
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+METRICS_NAME = "metrics.jsonl"  # one JSON object per line: {"step", "epoch", **metrics}
+MODES = ("online", "offline", "disabled")
+
+
+class TrackingWarning(UserWarning):
+    """W&B failed or a metrics file was damaged; training goes on."""
+
+
+class Tracker:
+    """Logs metric rows to `run_dir/metrics.jsonl` and to W&B with `epoch` as the x-axis; no-op on ranks != 0.
+
+    `resume_id` (saved in checkpoints as `.run_id`) continues the same W&B run; `resume_step` first drops the
+    metrics.jsonl lines logged after the checkpoint being resumed (see `truncate_metrics_after`).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        mode: str = "offline",
+        project: str = "conddetr",
+        entity: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+        tags: Iterable[str] = (),
+        config: Mapping | None = None,
+        resume_id: str | None = None,
+        resume_step: int | None = None,
+        rank: int = 0,
+        init_timeout: float = 90.0,
+        finish_timeout: float = 30.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"tracking mode {mode!r} is not one of {', '.join(MODES)}")
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.mode = "disabled"  # the mode actually in use, after any fallback
+        self.run_id = resume_id
+        self._run: Any = None
+        self._file = None
+        self._warned: set[str] = set()
+        self.finish_timeout = finish_timeout
+        if rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_metrics_after(self.run_dir, resume_step)
+        else:
+            _drop_partial_tail(self.run_dir / METRICS_NAME)  # else the next line would be glued to a fragment
+        self._file = open(self.run_dir / METRICS_NAME, "a", encoding="utf-8")  # closed in finish()
+        self.run_id = resume_id or secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+        self._init_kwargs = dict(
+            project=project,
+            entity=entity,
+            group=group,
+            name=name,
+            tags=list(tags),
+            config=dict(config or {}),
+            id=self.run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+        )
+        self._init_timeout = init_timeout
+        if mode != "disabled":
+            self._start(mode)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / METRICS_NAME
+
+    def log(self, metrics: Mapping[str, Any], *, step: int, epoch: float) -> None:
+        """Append one row (flushed and fsynced, so a crash loses at most this line) and send it to W&B."""
+        if self._file is None:
+            return
+        clash = {"step", "epoch"} & set(metrics)
+        if clash:
+            raise ValueError(f"metric names {sorted(clash)} are reserved: pass them as the step/epoch arguments")
+        row = {"step": int(step), "epoch": float(epoch), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._run is None:
+            return
+        try:
+            self._run.log(row)
+        except Exception as e:  # W&B must never stop training
+            self._warn("log", f"wandb log failed ({type(e).__name__}: {e})")
+            self._close_run()
+            if self.mode == "online":
+                self._start("offline")
+                if self._run is not None:
+                    self._safe_log(row)
+            else:
+                self.mode = "disabled"
+
+    def finish(self) -> None:
+        self._close_run()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+    def _start(self, mode: str) -> None:
+        for attempt in [mode, "offline"] if mode == "online" else [mode]:
+            try:
+                self._run = self._init(attempt)
+                self.mode = attempt
+                return
+            except Exception as e:
+                then = "falling back to offline" if attempt == "online" else "W&B disabled, metrics.jsonl only"
+                self._warn(f"init-{attempt}", f"wandb.init(mode={attempt!r}) failed ({type(e).__name__}: {e}); {then}")
+        self.mode = "disabled"
+
+    def _init(self, mode: str) -> Any:
+        import wandb
+
+        # A numbered suffix gives every (re)start its own folder, even two within the same second.
+        wandb_dir = self.run_dir / "wandb"
+        segment = len(list(wandb_dir.glob(f"*-{self.run_id}-seg*"))) if wandb_dir.is_dir() else 0
+        options = dict(silent=True, console="off", init_timeout=self._init_timeout)
+        try:
+            settings = wandb.Settings(**options, x_sync_dir_suffix=f"seg{segment:03d}")
+        except Exception:  # a wandb version without the private setting
+            settings = wandb.Settings(**options)
+        run = wandb.init(mode=mode, settings=settings, **self._init_kwargs)
+        try:
+            run.define_metric("step")
+            run.define_metric("epoch")
+            run.define_metric("*", step_metric="epoch")  # curves of runs with different batch sizes line up
+        except Exception:
+            run.finish()
+            raise
+        return run
+
+    def _safe_log(self, row: dict) -> None:
+        try:
+            self._run.log(row)
+        except Exception as e:
+            self._warn("log-fallback", f"wandb log failed again ({type(e).__name__}: {e}); W&B disabled")
+            self._close_run()
+            self.mode = "disabled"
+
+    def _close_run(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        try:
+            sync_file = Path(run.settings.sync_file)
+            run.finish()
+        except Exception as e:
+            self._warn("finish", f"wandb finish failed ({type(e).__name__}: {e})")
+            return
+        # wandb-core writes the transaction log asynchronously; wait so the history can be read back at once.
+        deadline = time.monotonic() + self.finish_timeout
+        while not _wandb_file_complete(sync_file):
+            if time.monotonic() > deadline:
+                self._warn("flush", f"{sync_file} still incomplete {self.finish_timeout:.0f} s after wandb finish")
+                return
+            time.sleep(0.02)
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"{message} [run folder {self.run_dir}]", TrackingWarning, stacklevel=3)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):  # 0-d tensors and numpy scalars
+        value = value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return float(value)
+
+
+def _metrics_file(run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir)
+    return path / METRICS_NAME if path.is_dir() else path
+
+
+def _parse_lines(path: Path) -> tuple[list[dict], bool]:
+    """Rows of a metrics file and whether its last line was cut short (a crash mid-write)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: list[dict] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                warnings.warn(f"{path}: ignoring truncated last line {number} ({e})", TrackingWarning, stacklevel=3)
+                return rows, True
+            raise ValueError(f"{path}: line {number} is not valid JSON ({e})") from e
+    return rows, False
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """Rows of `run_dir/metrics.jsonl` (or of that file itself); a truncated last line is dropped with a warning."""
+    path = _metrics_file(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    return _parse_lines(path)[0]
+
+
+def truncate_metrics_after(run_dir: str | os.PathLike, step: int) -> int:
+    """Drop rows with step > `step` (logged after the checkpoint being resumed); returns how many were dropped.
+
+    Call it before a Tracker opens the file (Tracker(resume_step=...) does). A missing file is not an error.
+    """
+    path = _metrics_file(run_dir)
+    if not path.is_file():
+        return 0
+    rows, partial = _parse_lines(path)
+    kept = [row for row in rows if row.get("step", -math.inf) <= step]
+    if len(kept) == len(rows) and not partial:
+        return 0
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
+def _drop_partial_tail(path: Path) -> None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    warnings.warn(f"{path}: dropping a truncated last line ({len(data) - keep} bytes)", TrackingWarning, stacklevel=3)
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+# --- reading W&B's transaction log (`run-<id>.wandb`) without network -------------------------------------------
+
+_HEADER = b":W&B"  # then 2 magic bytes and 1 version byte
+_HEADER_LEN = 7
+_BLOCK = 32 * 1024  # LevelDB-log blocks; the file header counts towards the first block
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _wandb_payloads(path: Path, quiet: bool = False) -> Iterator[bytes]:
+    """Record payloads of a `.wandb` file (LevelDB log format: crc32, length, type, data; records may span blocks)."""
+    data = path.read_bytes()
+    if not data.startswith(_HEADER) or len(data) < _HEADER_LEN:
+        raise ValueError(f"{path} is not a W&B transaction log (bad header)")
+    pos, pending = _HEADER_LEN, b""
+    while pos < len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        if pos + 7 > len(data):
+            break  # a cut-off record header
+        crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        body = data[pos + 7 : pos + 7 + length]
+        if len(body) < length:
+            break
+        if kind not in (_FULL, _FIRST, _MIDDLE, _LAST) or zlib.crc32(bytes([kind]) + body) & 0xFFFFFFFF != crc:
+            if not quiet:
+                warnings.warn(f"{path}: stopped at a damaged record (offset {pos})", TrackingWarning, stacklevel=2)
+            return
+        pos += 7 + length
+        if kind == _FULL:
+            yield body
+        elif kind == _FIRST:
+            pending = body
+        elif kind == _MIDDLE:
+            pending += body
+        elif kind == _LAST:
+            yield pending + body
+            pending = b""
+    if (pos < len(data) or pending) and not quiet:  # a run killed mid-write (or still writing)
+        warnings.warn(f"{path}: ignoring a partial last record (offset {pos})", TrackingWarning, stacklevel=2)
+
+
+def _wandb_file_complete(path: Path) -> bool:
+    """Whether a `.wandb` file holds its run's exit record (all history before it is on disk)."""
+    from wandb.proto import wandb_internal_pb2
+
+    if not path.is_file() or path.stat().st_size <= _HEADER_LEN:
+        return False
+    record = wandb_internal_pb2.Record()
+    for payload in _wandb_payloads(path, quiet=True):
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
+def _read_wandb_file(path: Path) -> tuple[float, list[dict]]:
+    """(run start time, history rows) of one `.wandb` file."""
+    from wandb.proto import wandb_internal_pb2
+
+    start, rows = path.stat().st_mtime, []
+    for payload in _wandb_payloads(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run" and record.run.HasField("start_time"):
+            start = record.run.start_time.seconds + record.run.start_time.nanos * 1e-9
+        elif kind == "history":
+            rows.append(
+                {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
+    return start, rows
+
+
+def read_wandb_history(path: str | os.PathLike, include_internal: bool = False) -> list[dict]:
+    """History rows of every `.wandb` file under `path` (run folder, its `wandb/`, or one file), merged in order.
+
+    Segments (resumes) are ordered by start time; a segment replaces the earlier rows from its first `step` on,
+    as `truncate_metrics_after` does for metrics.jsonl. Keys starting with `_` are W&B's own unless requested.
+    """
+    root = Path(path)
+    files = {root.resolve()} if root.is_file() else {p.resolve() for p in root.rglob("*.wandb")}
+    if not files:
+        raise FileNotFoundError(f"no .wandb files under {root}")
+    segments = [(*_read_wandb_file(f), str(f)) for f in files]
+    merged: list[dict] = []
+    for _start, rows, _name in sorted(segments, key=lambda s: (s[0], s[2])):
+        if rows and "step" in rows[0]:
+            merged = [row for row in merged if row.get("step", -math.inf) < rows[0]["step"]]
+        merged += rows
+    if include_internal:
+        return merged
+    return [{k: v for k, v in row.items() if not k.startswith("_")} for row in merged]
