@@ -1,0 +1,412 @@
+"""`run(cfg)`: one experiment end to end (train with auto-resume, or evaluate a checkpoint) in its run folder.
+
+Run folder: config.yaml, train.log, metrics.jsonl + wandb/ (tracking), checkpoint.pth, checkpoint_prev.pth,
+checkpoint_epochNNN.pth, results/val_epochNNN.json (COCO detections), eval_only.json (eval-only mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from conddetr.engine import checkpoint as ckpt_io
+from conddetr.engine.checkpoint import load_start_weights
+from conddetr.engine.distributed import (
+    DistEnv,
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    destroy_process_group,
+    init_process_group,
+    read_dist_env,
+    resolve_device,
+)
+from conddetr.engine.loop import StepConfig, evaluate, forward_backward, progress_enabled, train_one_epoch
+from conddetr.engine.optim import build_lr_scheduler, build_optimizer
+
+log = logging.getLogger(__name__)
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Components:
+    train_ds: object
+    val_ds: object
+    train_loader: object  # call data.batching.set_epoch before each epoch
+    val_loader: object
+    info: object  # data.DatasetInfo
+    model: torch.nn.Module  # unwrapped: what checkpoints hold
+    criterion: torch.nn.Module
+    postprocessor: object
+    model_kwargs: dict
+
+    def export_state_dict(self) -> dict:
+        from conddetr.models.published import export_published_state_dict
+
+        return export_published_state_dict(self.model)
+
+
+def run_dir_of(cfg) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.output_dir) / cfg.name
+
+
+def build_components(cfg, env: DistEnv, device: torch.device) -> Components:
+    """Datasets, loaders, model, criterion and postprocessor from the config (model code takes plain arguments)."""
+    from conddetr.data import build_datasets
+    from conddetr.data.batching import build_loaders
+    from conddetr.models import build_criterion, build_model, build_postprocessor
+
+    train_ds, val_ds, info = build_datasets(cfg.data, num_classes=cfg.model.num_classes)
+    m = cfg.model
+    if m.num_classes is None:
+        log.info(
+            "model.num_classes not set: using %d from the dataset (%s mapping)", info.num_classes, info.label_mapping
+        )
+    else:
+        log.info("model.num_classes = %d (from the config)", m.num_classes)
+    num_classes = m.num_classes if m.num_classes is not None else info.num_classes
+    model_kwargs = dict(
+        backbone=m.backbone, dilation=m.dilation, hidden_dim=m.hidden_dim, nheads=m.nheads, enc_layers=m.enc_layers,
+        dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward, num_queries=m.num_queries,
+        num_classes=num_classes, dropout=m.dropout, position_embedding=m.position_embedding, aux_loss=m.aux_loss,
+        lr_backbone=cfg.optim.lr_backbone,
+    )  # fmt: skip
+    model = build_model(m.variant, pretrained_backbone=m.pretrained_backbone, **model_kwargs).to(device)
+    loss = cfg.loss
+    criterion = build_criterion(
+        m.variant, num_classes=num_classes, set_cost_class=loss.set_cost_class, set_cost_bbox=loss.set_cost_bbox,
+        set_cost_giou=loss.set_cost_giou, cls_loss_coef=loss.cls_loss_coef, bbox_loss_coef=loss.bbox_loss_coef,
+        giou_loss_coef=loss.giou_loss_coef, focal_alpha=loss.focal_alpha, eos_coef=loss.eos_coef,
+        aux_loss=m.aux_loss, dec_layers=m.dec_layers,
+    ).to(device)  # fmt: skip
+    model_kwargs["variant"] = m.variant
+    # The shuffle seed is the run seed on every rank (the shards must agree); rank offsets only the augmentation.
+    loaders = build_loaders(
+        train_ds, val_ds, cfg.data.batch_size, cfg.data.num_workers, distributed=env.distributed, seed=cfg.optim.seed
+    )
+    return Components(train_ds, val_ds, *loaders, info, model, criterion, build_postprocessor(m.variant), model_kwargs)
+
+
+def wrap_ddp(model: torch.nn.Module, cfg, device: torch.device) -> DistributedDataParallel:
+    """DDP around the unwrapped model (checkpoints save the unwrapped one).
+
+    A one-layer Conditional DETR decoder never uses `query_scale` (layer 0 has T = 1); DDP must then look for
+    unused parameters, or their gradient bucket is never all-reduced and the ranks silently diverge.
+    """
+    unused = cfg.model.variant == "conditional" and cfg.model.dec_layers < 2
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+
+
+def run(cfg) -> dict:
+    """Train (resuming from the run folder when it holds a checkpoint) or, with eval.eval_only, evaluate."""
+    env = read_dist_env()
+    device = resolve_device(cfg.device, env)
+    _set_threads()
+    init_process_group(env, device)
+    try:
+        return _run(cfg, env, device)
+    finally:
+        destroy_process_group()
+
+
+def debug_first_step(cfg, out: str | Path | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of the first optimizer step, for checking the distributed and accumulation maths.
+
+    The global batch is images [0, batch_size * world_size * accum_steps) of the *validation* set (deterministic
+    transforms, so augmentation randomness cannot differ between layouts); rank r, micro-batch m takes the slice
+    starting at (m * world_size + r) * batch_size. Returns the rank-mean weighted loss and the (DDP-averaged)
+    gradients by parameter name; rank 0 also writes them to `out` (torch.save, plain data).
+    """
+    from conddetr.data.batching import collate
+
+    env = read_dist_env()
+    device = resolve_device(cfg.device, env)
+    _set_threads()
+    init_process_group(env, device)
+    try:
+        seed_everything(cfg.optim.seed + env.rank)
+        c = build_components(cfg, env, device)
+        model = wrap_ddp(c.model, cfg, device) if env.distributed else c.model
+        bs, accum = cfg.data.batch_size, cfg.optim.accum_steps
+        if len(c.val_ds) < bs * env.world_size * accum:
+            raise ValueError(f"debug_first_step needs {bs * env.world_size * accum} val images, have {len(c.val_ds)}")
+        micro = []
+        for m in range(accum):
+            first = (m * env.world_size + env.rank) * bs
+            micro.append(collate([c.val_ds[i] for i in range(first, first + bs)]))
+        model.train()
+        c.criterion.train()
+        step_cfg = StepConfig(cfg.model.variant, accum, cfg.optim.clip_max_norm, AMP_DTYPES[cfg.optim.amp])
+        names, terms = forward_backward(model, c.criterion, micro, device=device, cfg=step_cfg)
+        terms = all_reduce_mean(terms.cpu())
+        grads = {n: p.grad.detach().cpu().clone() for n, p in c.model.named_parameters() if p.grad is not None}
+        if out is not None and env.is_main:
+            payload = {"loss": terms[0].item(), "terms": dict(zip(names, terms.tolist(), strict=True)), "grads": grads}
+            ckpt_io.atomic_save({**payload, "world_size": env.world_size}, Path(out))
+        return terms[0].item(), grads
+    finally:
+        destroy_process_group()
+
+
+def _set_threads() -> None:
+    # Bit-identical CPU runs need the same intra-op thread count everywhere (reductions split by thread).
+    if os.environ.get("CONDDETR_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["CONDDETR_NUM_THREADS"]))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _run(cfg, env: DistEnv, device: torch.device) -> dict:
+    run_dir = run_dir_of(cfg)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temps(run_dir)
+    barrier()
+    with _log_to_file(run_dir / "train.log" if env.is_main else None):
+        return _run_logged(cfg, env, device, run_dir)
+
+
+def _run_logged(cfg, env: DistEnv, device: torch.device, run_dir: Path) -> dict:
+    from conddetr.config import config_to_dict, save_config
+
+    seed_everything(cfg.optim.seed + env.rank)
+    c = build_components(cfg, env, device)
+    if cfg.eval.eval_only:
+        return _eval_only(cfg, env, device, run_dir, c)
+    resumed = ckpt_io.load_latest_checkpoint(run_dir)
+    if env.is_main:
+        if resumed is not None:
+            _warn_config_changes(resumed[0]["config"], config_to_dict(cfg))
+        save_config(cfg, run_dir / "config.yaml")
+    return _train(cfg, env, device, run_dir, c, resumed)
+
+
+def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components, resumed) -> dict:
+    from conddetr.config import config_to_dict
+    from conddetr.data.batching import set_epoch
+    from conddetr.tracking import Tracker, truncate_metrics_after
+
+    o = cfg.optim
+    optimizer = build_optimizer(c.model, lr=o.lr, lr_backbone=o.lr_backbone, weight_decay=o.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=o.lr_drop_epoch)
+    scaler = torch.amp.GradScaler(device.type) if o.amp == "fp16" else None
+    start_epoch, global_step, wandb_id, rng = 0, 0, None, None
+    if resumed is not None:
+        state, path = resumed
+        load_start_weights(c.model, state, source=str(path), fine_tune=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        start_epoch, global_step = int(state["epoch"]) + 1, int(state["global_step"])
+        wandb_id, rng = state.get("wandb_run_id"), state["rng"]
+        log.info("resuming %s at epoch %d, step %d (W&B run %s)", path, start_epoch + 1, global_step, wandb_id)
+        if cfg.eval.checkpoint:
+            log.info("eval.checkpoint=%s not loaded: the run folder's own checkpoint wins", cfg.eval.checkpoint)
+    elif cfg.eval.checkpoint:
+        # Start from other weights (fine-tuning): model only, optimiser and schedule start fresh.
+        load_start_weights(c.model, cfg.eval.checkpoint, source=cfg.eval.checkpoint, fine_tune=cfg.eval.fine_tune)
+    model = c.model
+    if env.distributed:
+        model = wrap_ddp(c.model, cfg, device)
+    if env.is_main:
+        # Lines logged after the checkpoint we resume from (or all, on a fresh start) belong to lost work.
+        truncate_metrics_after(run_dir, global_step)
+    t = cfg.tracking
+    tracker = Tracker(
+        run_dir,
+        mode=t.wandb_mode,
+        project=t.project,
+        entity=t.entity,
+        group=t.group or cfg.name,
+        name=run_dir.name,
+        tags=list(t.tags),
+        config=config_to_dict(cfg),
+        resume_id=wandb_id,
+        rank=env.rank,
+    )
+    if rng is not None:
+        _restore_rng(rng, env, device, cfg.optim.seed + env.rank + start_epoch)
+    step_cfg = StepConfig(cfg.model.variant, o.accum_steps, o.clip_max_norm, AMP_DTYPES[o.amp], t.log_every_steps)
+    show, why = progress_enabled(env.is_main)
+    log.info("progress bars %s (%s)", "on" if show else "off", why)
+    images_per_step = cfg.data.batch_size * env.world_size * o.accum_steps
+    metrics: dict = {}
+    try:
+        with _stop_on_signals() as stop:
+            for epoch in range(start_epoch, o.epochs):
+                set_epoch(c.train_loader, epoch)  # order and worker seeds: functions of (seed, epoch, rank) only
+                steps = len(c.train_loader) // o.accum_steps
+                if steps == 0:
+                    raise ValueError(
+                        f"{len(c.train_ds)} training images give no complete optimizer step with data.batch_size="
+                        f"{cfg.data.batch_size} x {env.world_size} processes x optim.accum_steps={o.accum_steps}"
+                    )
+                means, global_step = train_one_epoch(
+                    model, c.criterion, optimizer, c.train_loader, device=device, epoch=epoch, global_step=global_step,
+                    steps_per_epoch=steps, cfg=step_cfg, scaler=scaler, log_fn=tracker.log,
+                    stop_requested=stop.is_set, show_progress=show, images_per_step=images_per_step,
+                )  # fmt: skip
+                scheduler.step()
+                metrics = {f"train_epoch/{k}": v for k, v in means.items()}
+                every = cfg.eval.every_epochs
+                if every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == o.epochs):
+                    stats = _evaluate(cfg, env, device, c, run_dir / "results" / f"val_epoch{epoch + 1:03d}.json")
+                    metrics.update({f"val/{k}": v for k, v in stats.items()})
+                tracker.log(metrics, step=global_step, epoch=float(epoch + 1))
+                log.info("epoch %d/%d done (step %d): %s", epoch + 1, o.epochs, global_step, _fmt(metrics))
+                payload = {
+                    "model": c.export_state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": scheduler.state_dict(),
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                    "epoch": epoch,  # last completed epoch, 0-based (published convention)
+                    "global_step": global_step,
+                    "rng": all_gather_objects(ckpt_io.capture_rng_state(device)),  # one entry per rank
+                    "data": {"sampler_seed": cfg.optim.seed, "next_epoch": epoch + 1, "world_size": env.world_size},
+                    "config": config_to_dict(cfg),
+                    "wandb_run_id": tracker.run_id,
+                    "label_to_category": {int(k): int(v) for k, v in c.info.label_to_category.items()},
+                    "model_kwargs": c.model_kwargs,
+                }
+                if env.is_main:
+                    ckpt_io.save_checkpoint(run_dir, payload, every_epochs=cfg.checkpoint_every_epochs)
+                barrier()
+    finally:
+        tracker.finish()
+    if start_epoch >= o.epochs and env.is_main:  # a finished run started again (e.g. a late requeue): report it
+        from conddetr.tracking import read_metrics
+
+        log.info("run already complete (%d epochs): nothing to train", o.epochs)
+        rows = [r for r in read_metrics(run_dir) if "train_epoch/loss" in r]
+        metrics = {k: v for k, v in rows[-1].items() if k not in ("step", "epoch")} if rows else {}
+    return metrics
+
+
+def _evaluate(cfg, env: DistEnv, device: torch.device, c: Components, results_path: Path) -> dict:
+    from conddetr.engine.evaluator import CocoEvaluator
+
+    evaluator = CocoEvaluator(c.val_ds.coco, c.info.label_to_category)
+    show, _ = progress_enabled(env.is_main)
+    evaluate(c.model, c.postprocessor, c.val_loader, evaluator, device=device, amp_dtype=AMP_DTYPES[cfg.optim.amp],
+             show_progress=show)  # fmt: skip
+    stats = {k: float(v) for k, v in evaluator.summarize().items()}
+    if cfg.eval.per_category_ap:
+        from conddetr.engine.evaluator import format_per_category_table
+
+        per_category = evaluator.per_category_ap()
+        log.info("per-category AP:\n%s", format_per_category_table(per_category))
+        stats.update({f"AP_per_category/{name}": float(ap) for name, ap in per_category.items()})
+    if env.is_main:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        evaluator.write_results(results_path)
+    return stats
+
+
+def _eval_only(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components) -> dict:
+    """Evaluate eval.checkpoint (ours or a released one), defaulting to the run folder's latest checkpoint."""
+    path = cfg.eval.checkpoint or str(run_dir / ckpt_io.CHECKPOINT_NAME)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"eval.eval_only=true: checkpoint {path} does not exist (set eval.checkpoint=PATH)")
+    from conddetr.data import dc5_eval_batch_warning
+
+    ckpt = load_start_weights(c.model, path, source=path, fine_tune=cfg.eval.fine_tune)
+    # Released checkpoints carry `args`, ours the config: DC5 loses AP when evaluated at another per-GPU batch.
+    args = ckpt.get("args")
+    train_batch = args.get("batch_size") if isinstance(args, dict) else getattr(args, "batch_size", None)
+    train_batch = train_batch or (ckpt.get("config") or {}).get("data", {}).get("batch_size")
+    if train_batch:
+        dc5_eval_batch_warning(cfg.model.dilation, int(train_batch), cfg.data.batch_size)
+    stats = _evaluate(cfg, env, device, c, run_dir / "results" / "eval_only.json")
+    out = {f"val/{k}": v for k, v in stats.items()}
+    if env.is_main:
+        ckpt_io_path = run_dir / "eval_only.json"
+        ckpt_io_path.write_text(json.dumps({"checkpoint": str(path), **out}, indent=2) + "\n")
+        log.info("eval-only %s: %s", path, _fmt(out))
+    return out
+
+
+def _restore_rng(per_rank: list, env: DistEnv, device: torch.device, fallback_seed: int) -> None:
+    if len(per_rank) == env.world_size:
+        ckpt_io.restore_rng_state(per_rank[env.rank], device)
+        return
+    # A different world size cannot continue the old streams; reseed so the run stays reproducible.
+    log.warning("checkpoint has RNG states of %d ranks, this job has %d: reseeding", len(per_rank), env.world_size)
+    seed_everything(fallback_seed)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM / SIGUSR1 ask the loop to stop after the current step (plain runs; submitit owns its own signals)."""
+    flag = threading.Event()
+    if os.environ.get("SUBMITIT_EXECUTOR") or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        log.warning("received %s: stopping after the current optimizer step", signal.Signals(signum).name)
+        flag.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _warn_config_changes(old: dict, new: dict) -> None:
+    changed = {k: (v, _flat(new).get(k)) for k, v in _flat(old).items() if _flat(new).get(k) != v}
+    if changed:
+        log.warning(
+            "resuming with a changed config: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "loss" in k or k.endswith(("/AP", "/AP50")))
+
+
+@contextlib.contextmanager
+def _log_to_file(path: Path | None):
+    """Copy the `conddetr` loggers' INFO records to the run folder's train.log while the run lasts (rank 0)."""
+    if path is None:
+        yield
+        return
+    root = logging.getLogger("conddetr")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
