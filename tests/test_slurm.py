@@ -1,0 +1,153 @@
+"""launch.py against a real SLURM cluster (`bash scripts/slurm_cluster.sh up`): a sweep as one job array, a failing
+task in it, and a preempted job that requeues and ends with the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+from conddetr import launcher
+from conddetr.launch_cli import main
+from conddetr.launch_status import ACTIVE_STATES, collect_status
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        shutil.which("sbatch") is None,
+        reason="no sbatch on PATH: start a cluster with `bash scripts/slurm_cluster.sh up`",
+    ),
+]
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "experiments" / "smoke_synthetic.yaml")
+TIMEOUT_S = 240  # per wait; the whole module takes ~1-2 minutes on 2 idle cores
+# 1 CPU per job: two jobs share the 2-core test node. 3 epochs leave time to preempt after the first checkpoint.
+COMMON = [
+    "optim.epochs=3",
+    "checkpoint_every_epochs=0",
+    "launch.cpus_per_task=1",
+    "launch.mem_gb=2",
+    "tracking.wandb_mode=offline",
+]
+
+
+def _wait(predicate, what: str, timeout: float = TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    squeue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\nsqueue:\n{squeue}")
+
+
+def _finished(run_dir: Path) -> bool:
+    (row,) = collect_status(run_dir)
+    return row.state not in (*ACTIVE_STATES, "UNKNOWN")
+
+
+def _record(run_dir: Path) -> dict:
+    return json.loads((run_dir / launcher.LAUNCH_RECORD).read_text())
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wandb_ids(run_dir: Path) -> list[str]:
+    # Offline runs are folders `offline-run-<date>_<time>-<id>[-segNNN]`; one per (re)start of the job.
+    return [p.name.split("-")[3] for p in sorted((run_dir / "wandb").glob("offline-run-*")) if p.is_dir()]
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory):
+    """Submit the run to preempt (it starts at once), then one array: two good runs and a bad data path.
+
+    The first run is preempted here, right after its first checkpoint, while the array runs beside it.
+    """
+    root = tmp_path_factory.mktemp("slurm")
+    requeue_dir = root / "requeue"
+    assert main([SMOKE, *COMMON, "optim.lr=0.0001", f"run_dir={requeue_dir}", "--cluster", "slurm"]) == 0
+    sweep = root / "array.yaml"
+    sweep.write_text(
+        f"base: {SMOKE}\nruns:\n  - {{optim.lr: 1.0e-4}}\n  - {{optim.lr: 2.0e-4}}\n"
+        "  - {data.dataset: coco, data.root: /nonexistent/coco}\n"
+    )
+    assert main(["--sweep", str(sweep), *COMMON, f"output_dir={root}", "--cluster", "slurm"]) == 0
+    sweep_dir = root / "array"
+    runs = {name: sweep_dir / name for name in ("lr0.0001", "lr0.0002", "dataset-coco_root-nonexistent-coco")}
+    # Preempt once the first epoch's checkpoint is on disk, so the requeued job has something to resume from.
+    _wait(lambda: (requeue_dir / "checkpoint.pth").is_file(), "the first checkpoint")
+    assert not _finished(requeue_dir), "the job ended before it could be preempted: give it more epochs"
+    job_id = _record(requeue_dir)["job_id"]
+    submitit.SlurmJob(folder=requeue_dir / launcher.SUBMITIT_DIR, job_id=job_id)._interrupt()  # SIGTERM, then USR2
+    return {"requeue": requeue_dir, "sweep_dir": sweep_dir, **runs}
+
+
+def test_sweep_is_one_array_and_completes(submitted, capsys):
+    good = [submitted["lr0.0001"], submitted["lr0.0002"]]
+    bad = submitted["dataset-coco_root-nonexistent-coco"]
+    ids = [_record(d)["job_id"] for d in [*good, bad]]
+    array_id = ids[0].split("_")[0]
+    assert ids == [f"{array_id}_0", f"{array_id}_1", f"{array_id}_2"]
+    for run_dir in good:
+        _wait(lambda d=run_dir: _finished(d), f"{run_dir.name} to finish")
+        for name in ("config.yaml", "metrics.jsonl", "checkpoint.pth"):
+            assert (run_dir / name).is_file(), f"{run_dir.name}: {name}"
+        assert len(_wandb_ids(run_dir)) == 1, f"{run_dir.name}: expected one W&B offline run"
+        assert (run_dir / launcher.SUBMITIT_DIR).resolve() == Path(_record(run_dir)["submitit_folder"])
+    _wait(lambda: _finished(bad), "the failing task to finish")
+    assert main(["status", str(submitted["sweep_dir"])]) == 0
+    table = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    for run_dir in good:
+        ap = [r["val/AP"] for r in _metrics(run_dir) if "val/AP" in r][-1]
+        assert table[run_dir.name][1:6] == ["slurm", _record(run_dir)["job_id"], "COMPLETED", "3.00", f"{ap:.4f}"]
+
+
+def test_failed_task_reports_its_error_and_spares_the_array(submitted):
+    bad = submitted["dataset-coco_root-nonexistent-coco"]
+    _wait(lambda: _finished(bad), "the failing task to finish")
+    rows = {r.run: r for r in collect_status(submitted["sweep_dir"])}
+    row = rows[bad.name]
+    first_line = (bad / launcher.ERROR_FILE).read_text().splitlines()[0]
+    assert row.state == "FAILED" and row.error == first_line
+    assert first_line.startswith("DatasetError: ") and "/nonexistent/coco" in first_line
+    # The same line is what the job printed last in its submitit log.
+    assert first_line.split(": ", 1)[1] in (bad / launcher.SUBMITIT_DIR / f"{row.job_id}_0_log.err").read_text()
+    for name in ("lr0.0001", "lr0.0002"):
+        _wait(lambda n=name: _finished(submitted[n]), f"{name} to finish")
+    rows = {r.run: r for r in collect_status(submitted["sweep_dir"])}
+    assert [rows[n].state for n in ("lr0.0001", "lr0.0002")] == ["COMPLETED", "COMPLETED"]
+
+
+def test_preempted_job_requeues_and_matches_an_uninterrupted_run(submitted):
+    run_dir = submitted["requeue"]
+    job_id = _record(run_dir)["job_id"]  # preempted by the fixture after its first epoch
+    _wait(lambda: _finished(run_dir), "the requeued job to finish")
+    sacct = ["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "State"]
+    states = subprocess.run(sacct, capture_output=True, text=True, check=True).stdout.split()
+    assert states == ["REQUEUED", "COMPLETED"], states
+    assert "resuming" in (run_dir / "train.log").read_text()
+    # Same run folder and same W&B run, one offline segment per start of the job.
+    ids = _wandb_ids(run_dir)
+    assert len(ids) == 2 and ids[0] == ids[1], ids
+    state = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert state["wandb_run_id"] == ids[0]
+
+    reference = submitted["lr0.0001"]  # same spec and overrides, never interrupted
+    _wait(lambda: _finished(reference), "the uninterrupted run to finish")
+    got, want = _metrics(run_dir), _metrics(reference)
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    keys = sorted(set().union(*want))
+    table = [[[float(r.get(k, float("nan"))) for k in keys] for r in rows] for rows in (got, want)]
+    # Exact: both jobs run with one thread (CONDDETR_NUM_THREADS), so the resumed run is bit-identical.
+    got_t, want_t = torch.tensor(table[0], dtype=torch.float64), torch.tensor(table[1], dtype=torch.float64)
+    torch.testing.assert_close(got_t, want_t, rtol=0, atol=0, equal_nan=True)
