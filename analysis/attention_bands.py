@@ -32,6 +32,7 @@ import conddetr
 from conddetr.analysis import bands
 from conddetr.config import config_from_dict, load_config
 from conddetr.data import build_datasets, collate
+from conddetr.engine.setup import model_kwargs_from_config
 from conddetr.models import build_model
 from conddetr.models.published import load_checkpoint_file, load_published_state_dict, model_kwargs_from_args
 
@@ -72,24 +73,9 @@ else:
         "mechanics only: the bands appear after training (e.g. `make demo`, then rerun this notebook)."
     )
     _, val_ds, info = build_datasets(cfg.data, num_classes=cfg.model.num_classes)
-    m = cfg.model
     torch.manual_seed(seed)
-    kwargs = dict(
-        variant=m.variant,
-        backbone=m.backbone,
-        dilation=m.dilation,
-        hidden_dim=m.hidden_dim,
-        nheads=m.nheads,
-        enc_layers=m.enc_layers,
-        dec_layers=m.dec_layers,
-        dim_feedforward=m.dim_feedforward,
-        num_queries=m.num_queries,
-        num_classes=m.num_classes if m.num_classes is not None else info.num_classes,
-        dropout=m.dropout,
-        position_embedding=m.position_embedding,
-        aux_loss=m.aux_loss,
-        lr_backbone=cfg.optim.lr_backbone,
-    )
+    num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else info.num_classes
+    kwargs = {"variant": cfg.model.variant, **model_kwargs_from_config(cfg, num_classes)}
     model = build_model(**kwargs)
 
 # %%

@@ -12,6 +12,7 @@ import conddetr.models
 from conddetr.config import load_config
 from conddetr.engine import CHECKPOINT_NAME, NonFiniteLossError, debug_first_step, run
 from conddetr.engine.checkpoint import load_latest_checkpoint
+from conddetr.engine.setup import model_kwargs_from_config
 from conddetr.models import build_model
 from conddetr.tracking import read_metrics
 
@@ -39,20 +40,8 @@ def tiny(cache: Path, run_dir: Path, *extra: str):
 
 def coco_checkpoint(path: Path, cfg, num_classes: int) -> dict:
     """A released-style checkpoint ({"model": state_dict}) of the tiny architecture with another class count."""
-    m = cfg.model
     torch.manual_seed(123)
-    model = build_model(
-        m.variant,
-        backbone=m.backbone,
-        hidden_dim=m.hidden_dim,
-        nheads=m.nheads,
-        enc_layers=m.enc_layers,
-        dec_layers=m.dec_layers,
-        dim_feedforward=m.dim_feedforward,
-        num_queries=m.num_queries,
-        num_classes=num_classes,
-        lr_backbone=0,
-    )
+    model = build_model(cfg.model.variant, **model_kwargs_from_config(cfg, num_classes))
     state = model.state_dict()
     torch.save({"model": state, "epoch": 49}, path)
     return state
