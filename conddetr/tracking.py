@@ -83,6 +83,8 @@ class Tracker:
         self._init_timeout = init_timeout
         if mode != "disabled":
             self._start(mode)
+            if resume_id is not None and self.mode == "offline":
+                self._backfill()
 
     @property
     def metrics_path(self) -> Path:
@@ -156,6 +158,30 @@ class Tracker:
             run.finish()
             raise
         return run
+
+    def _backfill(self) -> None:
+        """Re-send the metrics.jsonl rows that earlier offline W&B segments lost.
+
+        A SIGKILL also takes wandb-core's unflushed buffer, while metrics.jsonl is fsynced per line. The replay starts
+        at the first row of the first step that differs, because a segment replaces earlier rows from its first step
+        on (`read_wandb_history`). Online runs are not read back (that needs the network).
+        """
+        rows = read_metrics(self.run_dir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TrackingWarning)  # the killed segment's torn last record
+            try:
+                have = read_wandb_history(self.run_dir / "wandb")
+            except FileNotFoundError:
+                have = []
+        k = 0
+        while k < min(len(rows), len(have)) and rows[k] == have[k]:
+            k += 1
+        if k == len(rows):
+            return
+        while k > 0 and rows[k - 1]["step"] == rows[k]["step"]:
+            k -= 1
+        for row in rows[k:]:
+            self._safe_log(row)
 
     def _safe_log(self, row: dict) -> None:
         try:

@@ -130,14 +130,9 @@ def test_resumed_run_keeps_one_wandb_run_id(runs, name):
     assert run_id and final["wandb_run_id"] == run_id
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(f"-{run_id}" in p.name for p in segments)
-    history, metrics = read_wandb_history(run_dir), read_metrics(run_dir)
-    if name == "sigterm":  # a graceful stop closes its W&B segment: the merged history is the whole run
-        assert history == metrics
-    else:
-        # SIGKILL also takes wandb-core's unflushed buffer: the killed segment may hold nothing, but everything
-        # from the resumed epoch on is there (metrics.jsonl, fsynced per line, stays complete either way).
-        tail = [r for r in metrics if r["step"] > runs["at_kill"][name]["global_step"]]
-        assert len(tail) == 2 * (STEPS_PER_EPOCH + 1) and history[-len(tail) :] == tail
+    # A graceful stop closes its W&B segment; a SIGKILL also takes wandb-core's unflushed buffer, and the resumed
+    # segment re-sends what the killed one lost from metrics.jsonl (fsynced per line). Either way: the whole run.
+    assert read_wandb_history(run_dir) == read_metrics(run_dir)
 
 
 def test_resume_restores_epoch_step_and_learning_rate(runs):
