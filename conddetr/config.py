@@ -145,6 +145,7 @@ class Config:
     run_dir: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every_epochs: int = 10  # periodic copies kept beside the rolling latest checkpoint
+    checkpoint_every_steps: int = 0  # also save the rolling checkpoint mid-epoch every N optimizer steps (0: off)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,6 +215,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "eval.every_epochs": (_positive, ">= 1"),
     "tracking.log_every_steps": (_positive, ">= 1"),
     "checkpoint_every_epochs": (_non_negative, ">= 0 (0: only the rolling latest checkpoint)"),
+    "checkpoint_every_steps": (_non_negative, ">= 0 (0: checkpoints only at epoch ends and on a stop signal)"),
     **{f"launch.{k}": (_positive, ">= 1") for k in ("nodes", "cpus_per_task", "mem_gb", "timeout_min")},
     "launch.gpus_per_node": (_non_negative, ">= 0"),
     "launch.array_parallelism": (_positive, ">= 1"),

@@ -121,6 +121,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         # Only resubmit: the engine finds run_dir/checkpoint.pth and resumes the same run and W&B id by itself.
+        # During training steps submitit's USR2 handler (which calls this) is deferred by engine/preempt.py until
+        # the loop has saved a mid-epoch checkpoint at a step boundary; this runs after that save.
         return submitit.helpers.DelayedSubmission(self)
 
 

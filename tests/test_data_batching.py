@@ -64,6 +64,34 @@ def test_order_is_a_function_of_seed_and_epoch(num_workers):
     assert [int(t["image_id"]) for _, _, ts in val for t in ts] == list(range(5))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipping_batches_reproduces_the_rest_of_the_epoch(num_workers):
+    """A mid-epoch resume: a fresh loader skipping the first k batches yields the epoch's batches k.. exactly."""
+    n, batch = 20, 2  # 10 batches: 2 workers handle them alternately, so a skip of 3 moves every batch's worker
+    torch.manual_seed(0)
+    train, _ = build_loaders(_Sized(n), _Sized(5), batch_size=batch, num_workers=num_workers, distributed=False, seed=7)
+    set_epoch(train, 1)
+    it, skip, whole, rng_at_skip = iter(train), 3, [], None
+    for k in range(n // batch):
+        if k == skip:
+            rng_at_skip = torch.get_rng_state()  # what a checkpoint at this step boundary captures
+        whole.append(next(it))
+    resumed, _ = build_loaders(_Sized(n), _Sized(5), batch_size=batch, num_workers=num_workers, distributed=False,
+                               seed=7)  # fmt: skip
+    torch.set_rng_state(rng_at_skip)  # without workers, augmentation draws from the (restored) global RNG
+    set_epoch(resumed, 1, skip_batches=skip)
+    rest = list(resumed)
+    assert len(rest) == len(whole) - skip
+    for (images, mask, targets), (want_images, want_mask, want_targets) in zip(rest, whole[skip:], strict=True):
+        torch.testing.assert_close(images, want_images, rtol=0, atol=0)
+        torch.testing.assert_close(mask, want_mask, rtol=0, atol=0)
+        assert [(int(t["image_id"]), float(t["aug"])) for t in targets] == [
+            (int(t["image_id"]), float(t["aug"])) for t in want_targets
+        ]
+    set_epoch(resumed, 1)  # the next set_epoch without a skip gives the whole epoch again
+    assert len(list(resumed)) == len(whole)
+
+
 def test_last_incomplete_batch_dropped_and_too_small_set_rejected():
     train, _ = build_loaders(_Sized(10), _Sized(3), batch_size=4, num_workers=0, distributed=False, seed=0)
     assert len(train) == 2

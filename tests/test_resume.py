@@ -1,5 +1,8 @@
 """Exact resume: runs killed (SIGTERM, SIGKILL) during epoch 2 and started again equal an uninterrupted run.
 
+SIGTERM saves a mid-epoch checkpoint at the next step boundary; the SIGKILL'd run has `checkpoint_every_steps`.
+Both resume inside epoch 2, not at its start.
+
 Every run is a `python -m conddetr train` subprocess with one intra-op thread, so CPU results are bit-identical.
 """
 
@@ -23,6 +26,7 @@ from conddetr.tracking import read_metrics, read_wandb_history
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "experiments" / "smoke_synthetic.yaml"
 EPOCHS, STEPS_PER_EPOCH = 3, 8  # 16 train images, batch 2
+EVERY_STEPS = 3  # the SIGKILL'd run's checkpoint_every_steps: mid-epoch-2 checkpoints at global steps 9, 12, 15
 
 
 def overrides(root: Path, run_dir: Path) -> list[str]:
@@ -39,11 +43,11 @@ def overrides(root: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def start(root: Path, run_dir: Path) -> subprocess.Popen:
+def start(root: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ, CONDDETR_NUM_THREADS="1", CONDDETR_NO_TQDM="1", WANDB_SILENT="true")
     env.update({k: str(root / "wandb_home") for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")})
     log = open(root / f"{run_dir.name}.log", "a")  # noqa: SIM115 - closed with the process
-    cmd = [sys.executable, "-m", "conddetr", "train", str(SPEC), *overrides(root, run_dir)]
+    cmd = [sys.executable, "-m", "conddetr", "train", str(SPEC), *overrides(root, run_dir), *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log = log  # type: ignore[attr-defined]
     return proc
@@ -59,7 +63,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> int:
 
 
 def wait_mid_epoch_2(proc: subprocess.Popen, run_dir: Path, timeout: float = 240) -> None:
-    """Until metrics.jsonl holds a step of epoch 2 past its first (so there are lines the resume must drop)."""
+    """Until metrics.jsonl holds step 10: epoch 2 is under way, past the SIGKILL'd run's checkpoint at step 9."""
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, f"run exited early with {proc.returncode}; see {proc.log.name}"  # type: ignore
@@ -67,7 +71,7 @@ def wait_mid_epoch_2(proc: subprocess.Popen, run_dir: Path, timeout: float = 240
         path = run_dir / "metrics.jsonl"
         if path.exists():
             steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
-            if steps and max(steps) >= STEPS_PER_EPOCH + 2:
+            if steps and max(steps) >= STEPS_PER_EPOCH + 2:  # step 10
                 return
         time.sleep(0.02)
 
@@ -83,13 +87,14 @@ def runs(tmp_path_factory):
     term_code = finish(p_term)
     at_kill = {"sigterm": torch.load(term / CHECKPOINT_NAME, weights_only=True)}
     lines_before = {"sigterm": len(read_metrics(term))}
-    p_term2, p_kill = start(root, term), start(root, kill)
+    every = (f"checkpoint_every_steps={EVERY_STEPS}",)
+    p_term2, p_kill = start(root, term), start(root, kill, every)
     wait_mid_epoch_2(p_kill, kill)
     p_kill.send_signal(signal.SIGKILL)
     kill_code = finish(p_kill)
     at_kill["sigkill"] = torch.load(kill / CHECKPOINT_NAME, weights_only=True)
     lines_before["sigkill"] = len(read_metrics(kill))
-    p_kill2 = start(root, kill)
+    p_kill2 = start(root, kill, every)
     codes = {"reference": finish(p_ref), "sigterm2": finish(p_term2), "sigkill2": finish(p_kill2)}
     assert codes == {"reference": 0, "sigterm2": 0, "sigkill2": 0}, f"see the logs in {root}"
     return {
@@ -106,10 +111,27 @@ def test_sigterm_stops_gracefully_and_sigkill_dies(runs):
 
 
 @pytest.mark.parametrize("name", ["sigterm", "sigkill"])
-def test_interrupted_run_was_killed_in_epoch_2_after_logging_past_its_checkpoint(runs, name):
+def test_interrupted_run_left_a_mid_epoch_2_checkpoint(runs, name):
     ckpt = runs["at_kill"][name]
-    assert (ckpt["epoch"], ckpt["global_step"]) == (0, STEPS_PER_EPOCH)
-    assert runs["lines_before"][name] > STEPS_PER_EPOCH + 2  # step lines of epoch 2 that resume had to drop
+    step = ckpt["global_step"]
+    assert ckpt["epoch"] == 0 and STEPS_PER_EPOCH < step < 2 * STEPS_PER_EPOCH  # inside epoch 2, past its start
+    position = ckpt["position"]
+    assert (position["epoch"], position["steps_done"], position["global_step"]) == (1, step - STEPS_PER_EPOCH, step)
+    window = position["window"]  # log_every_steps=1: every step is logged at once, the window is empty
+    assert window.shape == (0, len(position["names"]) + 1) and position["epoch_sum"].shape == (window.shape[1],)
+    if name == "sigterm":  # saved at the step boundary after the signal: nothing logged past it
+        assert runs["lines_before"][name] == step + 1  # its steps and epoch 1's line
+    else:  # the last periodic checkpoint; the kill came later, so the resume drops lines
+        assert step % EVERY_STEPS == 0 and runs["lines_before"][name] > step + 1
+
+
+@pytest.mark.parametrize("name", ["sigterm", "sigkill"])
+def test_resumed_process_continued_inside_epoch_2(runs, name):
+    """Fewer optimizer steps than a restart from the epoch boundary (global step 8) would redo."""
+    step = runs["at_kill"][name]["global_step"]
+    text = (runs["dirs"][name] / "train.log").read_text()
+    assert f"at epoch 2 step {step - STEPS_PER_EPOCH} (global step {step};" in text
+    assert step > STEPS_PER_EPOCH
 
 
 @pytest.mark.parametrize("name", ["sigterm", "sigkill"])

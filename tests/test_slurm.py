@@ -5,6 +5,7 @@ task in it, and a preempted job that requeues and ends with the same metrics as 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -28,9 +29,12 @@ pytestmark = [
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "experiments" / "smoke_synthetic.yaml")
 TIMEOUT_S = 240  # per wait; the whole module takes ~1-2 minutes on 2 idle cores
-# 1 CPU per job: two jobs share the 2-core test node. 3 epochs leave time to preempt after the first checkpoint.
+# 1 CPU per job: two jobs share the 2-core test node. 3 epochs of 8 steps (16 images, batch 2) leave time to
+# preempt in the middle of epoch 2.
+STEPS_PER_EPOCH = 8
 COMMON = [
     "optim.epochs=3",
+    "data.batch_size=2",
     "checkpoint_every_epochs=0",
     "launch.cpus_per_task=1",
     "launch.mem_gb=2",
@@ -38,13 +42,13 @@ COMMON = [
 ]
 
 
-def _wait(predicate, what: str, timeout: float = TIMEOUT_S):
+def _wait(predicate, what: str, timeout: float = TIMEOUT_S, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(poll)
     squeue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\nsqueue:\n{squeue}")
 
@@ -62,6 +66,12 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
+
+
 def _wandb_ids(run_dir: Path) -> list[str]:
     # Offline runs are folders `offline-run-<date>_<time>-<id>[-segNNN]`; one per (re)start of the job.
     return [p.name.split("-")[3] for p in sorted((run_dir / "wandb").glob("offline-run-*")) if p.is_dir()]
@@ -71,7 +81,7 @@ def _wandb_ids(run_dir: Path) -> list[str]:
 def submitted(tmp_path_factory):
     """Submit the run to preempt (it starts at once), then one array: two good runs and a bad data path.
 
-    The first run is preempted here, right after its first checkpoint, while the array runs beside it.
+    The first run is preempted here, early in epoch 2 (after its first checkpoint), while the array runs beside it.
     """
     root = tmp_path_factory.mktemp("slurm")
     requeue_dir = root / "requeue"
@@ -84,8 +94,10 @@ def submitted(tmp_path_factory):
     assert main(["--sweep", str(sweep), *COMMON, f"output_dir={root}", "--cluster", "slurm"]) == 0
     sweep_dir = root / "array"
     runs = {name: sweep_dir / name for name in ("lr0.0001", "lr0.0002", "dataset-coco_root-nonexistent-coco")}
-    # Preempt once the first epoch's checkpoint is on disk, so the requeued job has something to resume from.
+    # Preempt once epoch 2 has logged its first step: the signal then lands among its training steps, and the job
+    # must save where it is (a mid-epoch checkpoint) before requeueing.
     _wait(lambda: (requeue_dir / "checkpoint.pth").is_file(), "the first checkpoint")
+    _wait(lambda: _last_step(requeue_dir) > STEPS_PER_EPOCH, "epoch 2's first step", poll=0.02)
     assert not _finished(requeue_dir), "the job ended before it could be preempted: give it more epochs"
     job_id = _record(requeue_dir)["job_id"]
     submitit.SlurmJob(folder=requeue_dir / launcher.SUBMITIT_DIR, job_id=job_id)._interrupt()  # SIGTERM, then USR2
@@ -135,7 +147,12 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(submitted):
     sacct = ["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "State"]
     states = subprocess.run(sacct, capture_output=True, text=True, check=True).stdout.split()
     assert states == ["REQUEUED", "COMPLETED"], states
-    assert "resuming" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    # USR2 came during epoch 2's steps: the job saved at the next step boundary, and the requeued job went on there.
+    saved = re.findall(r"saved mid-epoch checkpoint: epoch 2 step (\d+) of 8 \(global step (\d+)\)", log)
+    resumed = re.findall(r"resuming \S+ at epoch (\d+) step (\d+) \(global step (\d+);", log)
+    assert len(saved) == 1 and resumed == [("2", *saved[0])], (saved, resumed)
+    assert 0 < int(saved[0][0]) and int(saved[0][1]) > STEPS_PER_EPOCH  # past the epoch-boundary checkpoint
     # Same run folder and same W&B run, one offline segment per start of the job.
     ids = _wandb_ids(run_dir)
     assert len(ids) == 2 and ids[0] == ids[1], ids

@@ -40,7 +40,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM arrived: the loop stopped after a whole optimizer step; resume restarts the epoch."""
+    """A stop was requested: the loop saved a checkpoint after a whole optimizer step and stopped there."""
 
 
 @dataclass
@@ -132,16 +132,29 @@ def train_one_epoch(
     stop_requested: Callable[[], bool] = lambda: False,
     show_progress: bool = False,
     images_per_step: int = 1,
+    position: dict | None = None,
+    save_fn: Callable[[dict], None] | None = None,
+    save_every_steps: int = 0,
 ) -> tuple[dict[str, float], int]:
-    """Run `steps_per_epoch` optimizer steps; returns (epoch means of the logged terms, new global step)."""
+    """Run the epoch's optimizer steps; returns (epoch means of the logged terms, new global step).
+
+    `position` (a mid-epoch checkpoint's, see `epoch_position`) continues an epoch after its first
+    `steps_done` steps: the loader must already skip their batches, and the log window and epoch sums come back
+    so every later metric line is the one the uninterrupted run logs. At a step boundary `save_fn(position)` is
+    called every `save_every_steps` global steps (not on the epoch's last step: the epoch-end checkpoint follows)
+    and when a stop was requested; a stop then raises TrainingInterrupted.
+    """
     model.train()
     criterion.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    window: list[torch.Tensor] = []
-    epoch_sum: torch.Tensor | None = None
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not show_progress, dynamic_ncols=True)
+    done = int(position["steps_done"]) if position else 0
+    names: list[str] = list(position["names"]) if position else []
+    window: list[torch.Tensor] = list(position["window"]) if position else []
+    epoch_sum: torch.Tensor | None = position["epoch_sum"] if position else None
+    bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}", disable=not show_progress,
+               dynamic_ncols=True)  # fmt: skip
     start = time.perf_counter()
-    for i, micro_batches in enumerate(_grouped(loader, cfg.accum_steps, steps_per_epoch)):
+    for i, micro_batches in enumerate(_grouped(loader, cfg.accum_steps, steps_per_epoch - done)):
         names, step_terms = forward_backward(model, criterion, micro_batches, device=device, cfg=cfg, scaler=scaler)
         # step_terms [1 + K]: weighted total, then the criterion's K terms
         # One collective per step carries the terms and the stop flag, so every rank takes the same decisions.
@@ -179,6 +192,10 @@ def train_one_epoch(
         rate = (i + 1) * images_per_step / max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(loss=f"{step_terms[0].item():.4f}", img_s=f"{rate:.1f}")
         bar.update(1)
+        in_epoch = done + i + 1
+        periodic = save_every_steps > 0 and global_step % save_every_steps == 0 and in_epoch < steps_per_epoch
+        if save_fn is not None and (stop or periodic):
+            save_fn(epoch_position(epoch, in_epoch, global_step, names, window, epoch_sum))
         if stop:
             bar.close()
             raise TrainingInterrupted(f"stopped by signal after optimizer step {global_step} (epoch {epoch + 1})")
@@ -186,6 +203,17 @@ def train_one_epoch(
     if epoch_sum is None:
         raise RuntimeError("the training loader produced no complete optimizer step")
     return _named(names, epoch_sum / steps_per_epoch, ""), global_step
+
+
+def epoch_position(epoch: int, steps_done: int, global_step: int, names: list[str], window: list, epoch_sum) -> dict:
+    """Where an epoch stands at a step boundary, as plain data: what a mid-epoch checkpoint needs to continue it.
+
+    `window` holds the rows not yet logged (log_every_steps), `epoch_sum` the sum of all rows of the epoch so far
+    ([1 + K + 1] each: weighted total, the K criterion terms, grad norm).
+    """
+    rows = torch.stack(window) if window else torch.zeros(0, len(names) + 1)  # [W, 1 + K + 1]
+    return {"epoch": epoch, "steps_done": steps_done, "global_step": global_step, "names": list(names),
+            "window": rows.clone(), "epoch_sum": epoch_sum.clone()}  # fmt: skip
 
 
 def _named(names: list[str], values: torch.Tensor, prefix: str) -> dict[str, float]:

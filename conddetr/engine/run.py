@@ -2,6 +2,8 @@
 
 Run folder: config.yaml, train.log, metrics.jsonl + wandb/ (tracking), checkpoint.pth, checkpoint_prev.pth,
 checkpoint_epochNNN.pth, results/val_epochNNN.json (COCO detections), eval_only.json (eval-only mode).
+checkpoint.pth is written at epoch ends, every `checkpoint_every_steps` steps and on a stop signal (preempt.py);
+a mid-epoch one carries its `position` in the epoch, and resume continues exactly there.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import json
 import logging
 import os
 import random
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from conddetr.engine.distributed import (
 )
 from conddetr.engine.loop import StepConfig, evaluate, forward_backward, progress_enabled, train_one_epoch
 from conddetr.engine.optim import build_lr_scheduler, build_optimizer
+from conddetr.engine.preempt import watch as watch_stop_requests
 from conddetr.engine.setup import Components, build_components, run_dir_of, wrap_ddp
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
     optimizer = build_optimizer(c.model, lr=o.lr, lr_backbone=o.lr_backbone, weight_decay=o.weight_decay)
     scheduler = build_lr_scheduler(optimizer, lr_drop_epoch=o.lr_drop_epoch)
     scaler = torch.amp.GradScaler(device.type) if o.amp == "fp16" else None
-    start_epoch, global_step, wandb_id, rng = 0, 0, None, None
+    start_epoch, global_step, wandb_id, rng, position = 0, 0, None, None, None
     if resumed is not None:
         state, path = resumed
         load_start_weights(c.model, state, source=str(path), fine_tune=False)
@@ -144,8 +145,12 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         start_epoch, global_step = int(state["epoch"]) + 1, int(state["global_step"])
-        wandb_id, rng = state.get("wandb_run_id"), state["rng"]
-        log.info("resuming %s at epoch %d, step %d (W&B run %s)", path, start_epoch + 1, global_step, wandb_id)
+        wandb_id, rng, position = state.get("wandb_run_id"), state["rng"], state.get("position")
+        done = int(position["steps_done"]) if position else 0
+        log.info("resuming %s at epoch %d step %d (global step %d; W&B run %s)", path, start_epoch + 1, done,
+                 global_step, wandb_id)  # fmt: skip
+        if position:
+            _check_layout(state.get("data") or {}, env.world_size, cfg)
         if cfg.eval.checkpoint:
             log.info("eval.checkpoint=%s not loaded: the run folder's own checkpoint wins", cfg.eval.checkpoint)
     elif cfg.eval.checkpoint:
@@ -177,21 +182,60 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
     log.info("progress bars %s (%s)", "on" if show else "off", why)
     images_per_step = cfg.data.batch_size * env.world_size * o.accum_steps
     metrics: dict = {}
-    try:
-        with _stop_on_signals() as stop:
+
+    def save(epoch: int, global_step: int, position: dict | None) -> None:
+        """Collective (RNG states of every rank); `position` None: `epoch` is complete, else its place in it."""
+        payload = {
+            "model": c.export_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            # last completed epoch, 0-based (published convention); a mid-epoch checkpoint: the one before
+            "epoch": epoch if position is None else epoch - 1,
+            "global_step": global_step,
+            "position": position,
+            "rng": all_gather_objects(ckpt_io.capture_rng_state(device)),  # one entry per rank
+            "data": {
+                "sampler_seed": cfg.optim.seed,
+                "next_epoch": epoch + 1 if position is None else epoch,
+                "world_size": env.world_size,
+                "images_per_step": images_per_step,
+            },
+            "config": config_to_dict(cfg),
+            "wandb_run_id": tracker.run_id,
+            "label_to_category": {int(k): int(v) for k, v in c.info.label_to_category.items()},
+            "model_kwargs": c.model_kwargs,
+        }
+        if env.is_main:
+            # Periodic copies only of epoch ends: a mid-epoch save must not overwrite checkpoint_epochNNN.pth.
+            every = cfg.checkpoint_every_epochs if position is None else 0
+            ckpt_io.save_checkpoint(run_dir, payload, every_epochs=every)
+            if position is not None:
+                log.info("saved mid-epoch checkpoint: epoch %d step %d of %d (global step %d)", epoch + 1,
+                         position["steps_done"], len(c.train_loader) // o.accum_steps, global_step)  # fmt: skip
+        barrier()
+
+    with watch_stop_requests() as stop:
+        try:
             for epoch in range(start_epoch, o.epochs):
-                set_epoch(c.train_loader, epoch)  # order and worker seeds: functions of (seed, epoch, rank) only
+                skip = int(position["steps_done"]) if position and epoch == start_epoch else 0
+                # order and augmentation: functions of (seed, epoch, rank) only; a mid-epoch resume skips the steps done
+                set_epoch(c.train_loader, epoch, skip_batches=skip * o.accum_steps)
                 steps = len(c.train_loader) // o.accum_steps
                 if steps == 0:
                     raise ValueError(
                         f"{len(c.train_ds)} training images give no complete optimizer step with data.batch_size="
                         f"{cfg.data.batch_size} x {env.world_size} processes x optim.accum_steps={o.accum_steps}"
                     )
-                means, global_step = train_one_epoch(
-                    model, c.criterion, optimizer, c.train_loader, device=device, epoch=epoch, global_step=global_step,
-                    steps_per_epoch=steps, cfg=step_cfg, scaler=scaler, log_fn=tracker.log,
-                    stop_requested=stop.is_set, show_progress=show, images_per_step=images_per_step,
-                )  # fmt: skip
+                with stop.training():
+                    means, global_step = train_one_epoch(
+                        model, c.criterion, optimizer, c.train_loader, device=device, epoch=epoch,
+                        global_step=global_step, steps_per_epoch=steps, cfg=step_cfg, scaler=scaler,
+                        log_fn=tracker.log, stop_requested=stop.is_set, show_progress=show,
+                        images_per_step=images_per_step, position=position if skip else None,
+                        save_fn=lambda pos, e=epoch: save(e, int(pos["global_step"]), pos),
+                        save_every_steps=cfg.checkpoint_every_steps,
+                    )  # fmt: skip
                 scheduler.step()
                 metrics = {f"train_epoch/{k}": v for k, v in means.items()}
                 every = cfg.eval.every_epochs
@@ -200,25 +244,9 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
                     metrics.update({f"val/{k}": v for k, v in stats.items()})
                 tracker.log(metrics, step=global_step, epoch=float(epoch + 1))
                 log.info("epoch %d/%d done (step %d): %s", epoch + 1, o.epochs, global_step, _fmt(metrics))
-                payload = {
-                    "model": c.export_state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler.state_dict(),
-                    "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch,  # last completed epoch, 0-based (published convention)
-                    "global_step": global_step,
-                    "rng": all_gather_objects(ckpt_io.capture_rng_state(device)),  # one entry per rank
-                    "data": {"sampler_seed": cfg.optim.seed, "next_epoch": epoch + 1, "world_size": env.world_size},
-                    "config": config_to_dict(cfg),
-                    "wandb_run_id": tracker.run_id,
-                    "label_to_category": {int(k): int(v) for k, v in c.info.label_to_category.items()},
-                    "model_kwargs": c.model_kwargs,
-                }
-                if env.is_main:
-                    ckpt_io.save_checkpoint(run_dir, payload, every_epochs=cfg.checkpoint_every_epochs)
-                barrier()
-    finally:
-        tracker.finish()
+                save(epoch, global_step, None)
+        finally:
+            tracker.finish()  # before a submitit hand-over requeues and exits the process
     if start_epoch >= o.epochs and env.is_main:  # a finished run started again (e.g. a late requeue): report it
         from conddetr.tracking import read_metrics
 
@@ -280,24 +308,18 @@ def _restore_rng(per_rank: list, env: DistEnv, device: torch.device, fallback_se
     seed_everything(fallback_seed)
 
 
-@contextlib.contextmanager
-def _stop_on_signals():
-    """SIGTERM / SIGUSR1 ask the loop to stop after the current step (plain runs; submitit owns its own signals)."""
-    flag = threading.Event()
-    if os.environ.get("SUBMITIT_EXECUTOR") or threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        log.warning("received %s: stopping after the current optimizer step", signal.Signals(signum).name)
-        flag.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+def _check_layout(data: dict, world_size: int, cfg) -> None:
+    """A mid-epoch position counts optimizer steps of one data layout; another layout continues, not exactly."""
+    per_step = cfg.data.batch_size * world_size * cfg.optim.accum_steps
+    old = (data.get("world_size"), data.get("images_per_step"))
+    if old != (world_size, per_step):
+        log.warning(
+            "mid-epoch checkpoint was written with %s processes x %s images per step, this job has %d x %d: the "
+            "epoch continues after the same number of steps, but its remaining batches differ from that run's",
+            *old,
+            world_size,
+            per_step,
+        )
 
 
 def _warn_config_changes(old: dict, new: dict) -> None:
