@@ -10,25 +10,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from timing import alternate  # benchmarks/timing.py (scripts run from their folder)
 
 from conddetr.attention import attend
 
 KERNELS = ("matmul", "sdpa", "sdpa_padded")
-
-
-def _alternating_times(fns: dict, repeats: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()  # warm-up: first calls allocate and pick kernels
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def bench_case(name, b, q_len, k_len, d_qk, d_v, heads, repeats, backward):
@@ -52,7 +40,7 @@ def bench_case(name, b, q_len, k_len, d_qk, d_v, heads, repeats, backward):
     with torch.no_grad():
         ref = attend(q, k, v, heads, mask, kernel="matmul")
         diff = max((attend(q, k, v, heads, mask, kernel=kn) - ref).abs().max().item() for kn in KERNELS)
-    times = _alternating_times({kn: call(kn) for kn in KERNELS}, repeats)
+    times = alternate({kn: call(kn) for kn in KERNELS}, repeats)
     cells = []
     for kn in KERNELS:
         ratio = statistics.median(t / m for t, m in zip(times[kn], times["matmul"], strict=True))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
+from timing import alternate  # benchmarks/timing.py (scripts run from their folder)
 
 from conddetr.models import build_criterion, build_model
 
@@ -73,18 +73,6 @@ def train_step_fn(model, criterion, images, mask, targets):
         sum(losses[k] * w for k, w in criterion.weight_dict.items()).backward()
 
     return run
-
-
-def alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main():
