@@ -67,6 +67,8 @@ class SyntheticConfig:
     image_size: int = 128  # square images, pixels
     num_train: int = 512
     num_val: int = 64
+    max_objects: int = 10  # objects per image drawn uniformly in 1..max_objects (difficulty knob)
+    min_object_size: int = 14  # smallest object side in pixels; 32 drops COCO's small bucket (difficulty knob)
 
 
 @dataclass

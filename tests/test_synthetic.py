@@ -103,3 +103,26 @@ def test_worker_processes_give_identical_output(tmp_path):
     assert (tmp_path / "w1.json").read_text() == (tmp_path / "w2.json").read_text()
     for path in sorted((tmp_path / "w1").iterdir()):
         assert path.read_bytes() == (tmp_path / "w2" / path.name).read_bytes()
+
+
+def test_difficulty_knobs_bound_object_count_and_size():
+    for seed in range(20):
+        _, objects = synthetic.render_image(np.random.default_rng(seed), 96, max_objects=1, min_side=60)
+        assert len(objects) == 1
+        ((_, (_, _, w, h)),) = objects
+        # A triangle's visible extent spans at least 3/4 of its bounding square (a circle's radius 1.5 times).
+        assert max(w, h) >= 0.75 * 60
+    default = synthetic.render_image(np.random.default_rng(3), 96)
+    explicit = synthetic.render_image(np.random.default_rng(3), 96, max_objects=10, min_side=14)
+    np.testing.assert_array_equal(default[0], explicit[0])
+    assert default[1] == explicit[1]
+
+
+def test_difficulty_knobs_change_the_cache_key_and_are_checked(tmp_path):
+    base = {k: PARAMS[k] for k in ("seed", "image_size", "num_train", "num_val")}
+    assert synthetic.synthetic_root(tmp_path, **base) != synthetic.synthetic_root(tmp_path, **base, max_objects=2)
+    assert synthetic.synthetic_root(tmp_path, **base) != synthetic.synthetic_root(tmp_path, **base, min_object_size=32)
+    with pytest.raises(ValueError, match="max_objects must be at least 1"):
+        ensure_synthetic_dataset(tmp_path, **base, max_objects=0)
+    with pytest.raises(ValueError, match="min_object_size must be in"):
+        ensure_synthetic_dataset(tmp_path, **base, min_object_size=200)

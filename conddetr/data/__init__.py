@@ -88,7 +88,13 @@ def build_datasets(data_cfg: Any, num_classes: int | None = None) -> tuple[CocoD
         case "synthetic":
             syn = data_cfg.synthetic
             root = ensure_synthetic_dataset(
-                syn.cache_dir, seed=syn.seed, image_size=syn.image_size, num_train=syn.num_train, num_val=syn.num_val
+                syn.cache_dir,
+                seed=syn.seed,
+                image_size=syn.image_size,
+                num_train=syn.num_train,
+                num_val=syn.num_val,
+                max_objects=syn.max_objects,
+                min_object_size=syn.min_object_size,
             )
             (train_images, train_file), (val_images, val_file) = (
                 synthetic_paths(root, "train"),

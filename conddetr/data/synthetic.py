@@ -31,7 +31,8 @@ COLOURS = np.array(
 # COCO area buckets are absolute (32^2, 96^2 pixels): box sides drawn per bucket. Large needs images >= ~101 px.
 SIZE_BUCKETS = ((0.2, 14, 31), (0.6, 32, 95), (0.2, 96, None))  # (probability, min side, max side or None = image)
 MIN_VISIBLE = 0.5  # an object may lose at most half of its pixels to later (occluding) objects
-MAX_OBJECTS = 10
+MAX_OBJECTS = 10  # default upper bound of objects per image
+MIN_SIDE = SIZE_BUCKETS[0][1]  # default smallest object side: the small bucket's lower end
 
 
 def _polygon(rng: np.random.Generator, shape: str, x0: float, y0: float, s: float) -> list[tuple[float, float]]:
@@ -89,27 +90,34 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base + texture[..., None] + ramp[..., None] * tint
 
 
-def _draw_side(rng: np.random.Generator, size: int) -> int:
-    buckets = [(p, lo, min(hi or size, int(size * 0.95))) for p, lo, hi in SIZE_BUCKETS]
+def _draw_side(rng: np.random.Generator, size: int, min_side: int) -> int:
+    buckets = [(p, max(lo, min_side), min(hi or size, int(size * 0.95))) for p, lo, hi in SIZE_BUCKETS]
     buckets = [(p, lo, hi) for p, lo, hi in buckets if hi >= lo]  # large disappears on small images
+    if not buckets:
+        raise ValueError(f"data.synthetic.min_object_size={min_side} leaves no object size on {size}-px images")
     probs = np.array([b[0] for b in buckets])
     _, lo, hi = buckets[rng.choice(len(buckets), p=probs / probs.sum())]
     return int(rng.integers(lo, hi + 1))
 
 
-def render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
-    """One image (uint8 `[size, size, 3]`) and its objects as (shape index, visible-extent xywh box)."""
+def render_image(
+    rng: np.random.Generator, size: int, max_objects: int = MAX_OBJECTS, min_side: int = MIN_SIDE
+) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
+    """One image (uint8 `[size, size, 3]`) and its objects as (shape index, visible-extent xywh box).
+
+    1..`max_objects` objects whose bounding squares have sides >= `min_side` pixels (the difficulty knobs).
+    """
     image = _background(rng, size)
     owner = np.full((size, size), -1, dtype=np.int16)  # which object each pixel shows (later objects on top)
     full_area: list[int] = []
     shapes: list[int] = []
     squares: list[tuple[int, int, int]] = []  # (x0, y0, side) of each placed object
     colours: list[int] = []  # palette index of each placed object
-    for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
+    for _ in range(int(rng.integers(1, max_objects + 1))):
         shape = int(rng.integers(len(SHAPES)))
         visible = np.bincount(owner.ravel() + 1, minlength=len(shapes) + 1)[1:]  # pixels each object shows
         for _attempt in range(20):  # rejection: never hide more than MIN_VISIBLE of an earlier object
-            s = _draw_side(rng, size)
+            s = _draw_side(rng, size, min_side)
             x0, y0 = (int(v) for v in rng.integers(0, size - s + 1, 2))
             mask = _shape_mask(rng, SHAPES[shape], size, x0, y0, s)
             covered = np.bincount(owner[mask] + 1, minlength=len(shapes) + 1)[1:]  # pixels taken from each object
@@ -139,21 +147,29 @@ def render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
 
-def _write_image(job: tuple[Path, int, int, int, int]) -> tuple[str, list[tuple[int, list[float]]]]:
-    out_dir, seed, split, index, size = job
+def _write_image(job: tuple[Path, int, int, int, int, int, int]) -> tuple[str, list[tuple[int, list[float]]]]:
+    out_dir, seed, split, index, size, max_objects, min_side = job
     rng = np.random.default_rng([seed, split, index])  # per-image stream: independent of order and process
-    pixels, objects = render_image(rng, size)
+    pixels, objects = render_image(rng, size, max_objects, min_side)
     file_name = f"{index + 1:06d}.jpg"
     Image.fromarray(pixels).save(out_dir / file_name, quality=90)
     return file_name, objects
 
 
 def generate_split(
-    out_dir: Path, annotation_file: Path, seed: int, split: int, num_images: int, size: int, workers: int = 1
+    out_dir: Path,
+    annotation_file: Path,
+    seed: int,
+    split: int,
+    num_images: int,
+    size: int,
+    workers: int = 1,
+    max_objects: int = MAX_OBJECTS,
+    min_side: int = MIN_SIDE,
 ) -> None:
     """Write `num_images` JPEGs to `out_dir` and their COCO instances file; the output does not depend on workers."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, seed, split, i, size) for i in range(num_images)]
+    jobs = [(out_dir, seed, split, i, size, max_objects, min_side) for i in range(num_images)]
     if workers > 1 and "fork" in mp.get_all_start_methods():
         # fork: the children only run numpy/PIL, and skip re-importing torch that spawn would pay for.
         with mp.get_context("fork").Pool(workers) as pool:
@@ -182,8 +198,22 @@ def generate_split(
     annotation_file.write_text(json.dumps(payload))
 
 
-def synthetic_root(cache_dir: str | Path, *, seed: int, image_size: int, num_train: int, num_val: int) -> Path:
+def synthetic_root(
+    cache_dir: str | Path,
+    *,
+    seed: int,
+    image_size: int,
+    num_train: int,
+    num_val: int,
+    max_objects: int = MAX_OBJECTS,
+    min_object_size: int = MIN_SIDE,
+) -> Path:
     key = f"v{GENERATOR_VERSION}_seed{seed}_{image_size}px_{num_train}train_{num_val}val"
+    # Difficulty knobs enter the key only when changed, so default datasets keep their cache folders.
+    if max_objects != MAX_OBJECTS:
+        key += f"_max{max_objects}obj"
+    if min_object_size != MIN_SIDE:
+        key += f"_min{min_object_size}px"
     return Path(cache_dir) / key
 
 
@@ -193,12 +223,27 @@ def synthetic_paths(root: Path, split: str) -> tuple[Path, Path]:
 
 
 def ensure_synthetic_dataset(
-    cache_dir: str | Path, *, seed: int, image_size: int, num_train: int, num_val: int
+    cache_dir: str | Path,
+    *,
+    seed: int,
+    image_size: int,
+    num_train: int,
+    num_val: int,
+    max_objects: int = MAX_OBJECTS,
+    min_object_size: int = MIN_SIDE,
 ) -> Path:
     """Root of the generated dataset, generating it first if this parameter set has never been generated."""
     if image_size < 32:
         raise ValueError(f"data.synthetic.image_size must be at least 32 pixels, got {image_size}")
-    root = synthetic_root(cache_dir, seed=seed, image_size=image_size, num_train=num_train, num_val=num_val)
+    if max_objects < 1:
+        raise ValueError(f"data.synthetic.max_objects must be at least 1, got {max_objects}")
+    if not 1 <= min_object_size <= int(image_size * 0.95):
+        raise ValueError(
+            f"data.synthetic.min_object_size must be in [1, {int(image_size * 0.95)}] for {image_size}-px images, "
+            f"got {min_object_size}"
+        )
+    knobs = {"max_objects": max_objects, "min_object_size": min_object_size}
+    root = synthetic_root(cache_dir, seed=seed, image_size=image_size, num_train=num_train, num_val=num_val, **knobs)
     if root.is_dir():  # only ever created by the rename below, so it is complete
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +253,9 @@ def ensure_synthetic_dataset(
         for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
             images_dir, annotation_file = synthetic_paths(tmp, split)
             workers = min(os.cpu_count() or 1, 8) if count >= 256 else 1
-            generate_split(images_dir, annotation_file, seed, split_index, count, image_size, workers)
+            generate_split(
+                images_dir, annotation_file, seed, split_index, count, image_size, workers, max_objects, min_object_size
+            )
         try:
             os.rename(tmp, root)
         except OSError:
