@@ -35,6 +35,7 @@ class ModelConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
     dilation: bool = False  # DC5: dilate layer4 (stride 16 instead of 32)
     pretrained_backbone: str | None = None  # local file of torchvision ImageNet weights; nothing is downloaded
+    backbone_norm: str = "frozen_bn"  # frozen_bn (published) | batch_norm (not published: from-scratch backbones)
     hidden_dim: int = 256  # transformer width D
     nheads: int = 8  # attention heads
     enc_layers: int = 6
@@ -162,6 +163,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.variant": ("conditional", "detr"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "model.position_embedding": ("sine", "learned"),
+    "model.backbone_norm": ("frozen_bn", "batch_norm"),
     "data.dataset": ("synthetic", "coco"),
     "data.label_mapping": ("category_id", "contiguous"),
     "optim.amp": ("none", "bf16", "fp16"),

@@ -163,3 +163,18 @@ def test_pretrained_backbone_loads_from_a_local_torchvision_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match=r"partial\.pth: not a matching torchvision ResNet file"):
         build_model("conditional", backbone="resnet18", pretrained_backbone=str(tmp_path / "partial.pth"))
+
+
+def test_backbone_norm_batch_norm_trains_its_statistics_and_frozen_stays_published():
+    kwargs = dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=32)
+    frozen = build_model("conditional", num_queries=3, **kwargs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    torch.manual_seed(0)
+    trainable = build_model("conditional", num_queries=3, backbone_norm="batch_norm", **kwargs).train()
+    bn = trainable.backbone[0].body.layer2[0].bn1
+    assert isinstance(bn, torch.nn.BatchNorm2d) and bn.weight.requires_grad
+    before = bn.running_mean.clone()
+    trainable(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool))
+    assert not torch.equal(bn.running_mean, before)  # statistics follow the data in train mode
+    with pytest.raises(ValueError, match="backbone norm must be one of"):
+        build_model("conditional", backbone_norm="group_norm", **kwargs)

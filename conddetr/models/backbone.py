@@ -40,21 +40,35 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "batch_norm": nn.BatchNorm2d}
+
+
 class ResNetBody(nn.Module):
     """torchvision ResNet trunk (stem + layer1..4, no pooling/fc) returning only the layer4 map.
 
     Stride 32, or 16 with `dilation` (DC5: layer4 dilated instead of strided; ResNet-50/101 only).
     `train_backbone=False` (lr_backbone == 0) freezes everything; otherwise the stem and layer1 stay frozen.
+    `norm="frozen_bn"` is the published layer; `"batch_norm"` (trainable, running statistics updated) is not
+    published: it is for backbones trained from scratch, whose identity-initialised frozen BN barely learns.
     """
 
-    def __init__(self, name: str, train_backbone: bool, dilation: bool, pretrained_path: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        train_backbone: bool,
+        dilation: bool,
+        pretrained_path: str | None = None,
+        norm: str = "frozen_bn",
+    ):
         super().__init__()
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"backbone norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
         if name not in RESNET_CHANNELS:
             raise ValueError(f"backbone must be one of {sorted(RESNET_CHANNELS)}, got {name!r}")
         if dilation and RESNET_CHANNELS[name] == 512:
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/resnet101), got {name!r}")
         resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
         )
         if pretrained_path is not None:
             load_torchvision_weights(resnet, pretrained_path)

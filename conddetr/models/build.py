@@ -29,13 +29,16 @@ def build_model(
     aux_loss: bool = True,
     lr_backbone: float = 1e-5,
     pretrained_backbone: str | None = None,
+    backbone_norm: str = "frozen_bn",
 ) -> Detector:
     """Build Conditional DETR (`variant="conditional"`) or DETR (`"detr"`) with the published key layout.
 
     num_classes: Conditional DETR has that many sigmoid logits; DETR has num_classes + 1 softmax logits (the
     last is "no object"); the published COCO value is 91 for both. num_queries None = published 300 / 100.
     lr_backbone == 0 freezes the whole backbone (otherwise the stem and layer1 only). pretrained_backbone is a
-    local torchvision ResNet file (never downloaded). hidden_dim must be even and divisible by nheads.
+    local torchvision ResNet file (never downloaded). backbone_norm "frozen_bn" is published; "batch_norm"
+    (trainable; not loadable from released checkpoints) is for backbones trained from scratch. hidden_dim must be
+    even and divisible by nheads.
     """
     if hidden_dim % 2 or hidden_dim % nheads:
         raise ValueError(
@@ -52,7 +55,7 @@ def build_model(
             num_logits = num_classes + 1
         case _:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    body = ResNetBody(backbone, train_backbone=lr_backbone > 0, dilation=dilation, pretrained_path=pretrained_backbone)
+    body = ResNetBody(backbone, lr_backbone > 0, dilation, pretrained_path=pretrained_backbone, norm=backbone_norm)
     joined = BackboneWithPosition(body, build_position_embedding(position_embedding, hidden_dim))
     transformer = Transformer(hidden_dim, nheads, enc_layers, dim_feedforward, dropout, decoder)
     queries = DEFAULT_NUM_QUERIES[variant] if num_queries is None else num_queries
