@@ -262,6 +262,11 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
     return path
 
 
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run folder: `run_dir` when set, else `output_dir/<name>` (one rule for the launcher and the engine)."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.output_dir) / cfg.name
+
+
 def config_to_dict(cfg: DictConfig) -> dict:
     """Plain nested dict (str/int/float/bool/None/list/dict), safe in a `weights_only=True` checkpoint."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

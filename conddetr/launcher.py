@@ -16,7 +16,7 @@ from pathlib import Path
 
 import submitit
 
-from conddetr.config import config_from_dict, config_to_dict, load_config, load_sweep, run_name_for
+from conddetr.config import config_from_dict, config_to_dict, load_config, load_sweep, run_dir_of, run_name_for
 
 LAUNCH_RECORD = "launch.json"  # job id, cluster, submission time: what `launch.py status` reads
 ERROR_FILE = "error.txt"  # written by a failing job: exception line first, then the traceback
@@ -41,7 +41,7 @@ def plan_runs(spec: str | None, overrides: list[str], sweep: str | None = None) 
         if spec is None:
             raise ValueError("give an experiment spec (experiments/*.yaml) or --sweep SWEEP.yaml")
         cfg = load_config(spec, overrides)
-        run_dir = Path(cfg.run_dir or Path(cfg.output_dir) / cfg.name).absolute()
+        run_dir = run_dir_of(cfg).absolute()
         cfg.run_dir = str(run_dir)
         return [RunPlan(cfg.name, run_dir, list(overrides), config_to_dict(cfg))], None
     base_spec, runs = load_sweep(sweep)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conddetr.config import run_dir_of
 from conddetr.engine import checkpoint as ckpt_io
 from conddetr.engine.checkpoint import load_start_weights
 from conddetr.engine.distributed import (
@@ -33,7 +34,7 @@ from conddetr.engine.distributed import (
 from conddetr.engine.loop import StepConfig, evaluate, forward_backward, progress_enabled, train_one_epoch
 from conddetr.engine.optim import build_lr_scheduler, build_optimizer
 from conddetr.engine.preempt import watch as watch_stop_requests
-from conddetr.engine.setup import Components, build_components, run_dir_of, wrap_ddp
+from conddetr.engine.setup import Components, build_components, wrap_ddp
 
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}

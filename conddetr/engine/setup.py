@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -44,10 +43,6 @@ class Components:
         from conddetr.models.published import export_published_state_dict
 
         return export_published_state_dict(self.model)
-
-
-def run_dir_of(cfg) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.output_dir) / cfg.name
 
 
 def build_components(cfg, env: DistEnv, device: torch.device) -> Components:
