@@ -36,6 +36,7 @@ class ModelConfig:
     dilation: bool = False  # DC5: dilate layer4 (stride 16 instead of 32)
     pretrained_backbone: str | None = None  # local file of torchvision ImageNet weights; nothing is downloaded
     backbone_norm: str = "frozen_bn"  # frozen_bn (published) | batch_norm (not published: from-scratch backbones)
+    backbone_stage: int = 4  # features after layer4 (published); 2 or 3 (not published): stride 8 / 16, small images
     hidden_dim: int = 256  # transformer width D
     nheads: int = 8  # attention heads
     enc_layers: int = 6
@@ -191,6 +192,7 @@ _RULES: dict[str, tuple[Any, str]] = {
         "an even integer >= 2 (sine embedding uses hidden_dim/2 per axis)",
     ),
     "model.nheads": (_positive, ">= 1"),
+    "model.backbone_stage": (lambda v: v in (2, 3, 4), "2, 3 or 4 (the ResNet stage whose output is used)"),
     "model.enc_layers": (_non_negative, ">= 0"),
     "model.dec_layers": (_positive, ">= 1"),
     "model.dim_feedforward": (_positive, ">= 1"),
@@ -431,6 +433,11 @@ def _validate(cfg: DictConfig, provenance: dict[str, str]) -> None:
             raise ConfigError(f"{key}={value!r} in {where(key)} must be {requirement}")
 
     m, d = cfg.model, cfg.data
+    if m.dilation and m.backbone_stage != 4:
+        raise ConfigError(
+            f"model.dilation=true ({where('model.dilation')}) dilates layer4, but model.backbone_stage="
+            f"{m.backbone_stage} ({where('model.backbone_stage')}) stops the backbone before it"
+        )
     if m.hidden_dim % m.nheads:
         raise ConfigError(
             f"model.hidden_dim={m.hidden_dim} ({where('model.hidden_dim')}) must be divisible by "

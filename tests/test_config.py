@@ -140,6 +140,8 @@ def test_device_accepts_an_indexed_gpu():
         (["data.crop_min_size=450"], r"data.crop_min_size=450 .* must fit in the smallest data.crop_resize_scales=400"),
         (["data.val_scale=2000"], r"data.val_scale=2000 .* exceeds data.max_size=1333"),
         (["data.train_scales=[]"], r"data.train_scales=\[\] .* must be a non-empty list"),
+        (["model.backbone_stage=1"], r"model.backbone_stage=1 .* must be 2, 3 or 4"),
+        (["model.dilation=true", "model.backbone_stage=3"], r"model.dilation=true .* model.backbone_stage=3"),
     ],
 )
 def test_range_and_consistency_checks(overrides, pattern):

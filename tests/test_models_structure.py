@@ -178,3 +178,39 @@ def test_backbone_norm_batch_norm_trains_its_statistics_and_frozen_stays_publish
     assert not torch.equal(bn.running_mean, before)  # statistics follow the data in train mode
     with pytest.raises(ValueError, match="backbone norm must be one of"):
         build_model("conditional", backbone_norm="group_norm", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "stage", "channels", "stride"),
+    [("resnet18", 2, 128, 8), ("resnet18", 3, 256, 16), ("resnet50", 3, 1024, 16)],
+)
+def test_backbone_stage_stops_the_trunk_early_for_a_finer_map(backbone, stage, channels, stride):
+    kwargs = dict(hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=3)
+    model = build_model("conditional", backbone=backbone, backbone_stage=stage, **kwargs)
+    body = model.backbone[0]
+    assert [n for n, _ in body.body.named_children()][-1] == f"layer{stage}"
+    assert (body.num_channels, body.stride) == (channels, stride)
+    assert tuple(model.input_proj.weight.shape) == (32, channels, 1, 1)
+    out = model(torch.randn(1, 3, 64, 96), None, return_intermediates=True)
+    assert tuple(out["intermediates"]["backbone_feature"].shape) == (1, channels, 64 // stride, 96 // stride)
+    with pytest.raises(ValueError, match="dilation"):
+        build_model("conditional", backbone="resnet50", dilation=True, backbone_stage=stage, **kwargs)
+
+
+def test_truncated_backbone_loads_a_full_or_a_truncated_torchvision_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(5)
+    full = torchvision.models.resnet18(weights=None)
+    torch.save(full.state_dict(), tmp_path / "full.pth")
+    truncated = {k: v for k, v in full.state_dict().items() if not k.startswith(("layer3", "layer4", "fc"))}
+    torch.save(truncated, tmp_path / "stage2.pth")
+    kwargs = dict(hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=32, num_queries=3)
+    for name in ("full.pth", "stage2.pth"):
+        model = build_model("conditional", backbone="resnet18", backbone_stage=2,
+                            pretrained_backbone=str(tmp_path / name), **kwargs)  # fmt: skip
+        for key, value in model.backbone[0].body.state_dict().items():
+            torch.testing.assert_close(value, full.state_dict()[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"stage2\.pth: not a matching torchvision ResNet file"):
+        truncated_file = str(tmp_path / "stage2.pth")
+        build_model("conditional", backbone="resnet18", backbone_stage=3, pretrained_backbone=truncated_file, **kwargs)

@@ -23,7 +23,7 @@ def model_kwargs_from_config(cfg, num_classes: int) -> dict:
         backbone=m.backbone, dilation=m.dilation, hidden_dim=m.hidden_dim, nheads=m.nheads, enc_layers=m.enc_layers,
         dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward, num_queries=m.num_queries,
         num_classes=num_classes, dropout=m.dropout, position_embedding=m.position_embedding, aux_loss=m.aux_loss,
-        lr_backbone=cfg.optim.lr_backbone, backbone_norm=m.backbone_norm,
+        lr_backbone=cfg.optim.lr_backbone, backbone_norm=m.backbone_norm, backbone_stage=m.backbone_stage,
     )  # fmt: skip
 
 

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# Output channels of layer1..layer4 per ResNet: basic blocks (18/34) or bottlenecks (50/101).
+STAGE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+RESNET_CHANNELS = {name: channels[-1] for name, channels in STAGE_CHANNELS.items()}  # layer4: the published output
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -44,12 +51,14 @@ NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "batch_norm": nn.BatchNorm2d}
 
 
 class ResNetBody(nn.Module):
-    """torchvision ResNet trunk (stem + layer1..4, no pooling/fc) returning only the layer4 map.
+    """torchvision ResNet trunk (stem + layer1..4, no pooling/fc) returning only the last stage's map.
 
     Stride 32, or 16 with `dilation` (DC5: layer4 dilated instead of strided; ResNet-50/101 only).
     `train_backbone=False` (lr_backbone == 0) freezes everything; otherwise the stem and layer1 stay frozen.
     `norm="frozen_bn"` is the published layer; `"batch_norm"` (trainable, running statistics updated) is not
     published: it is for backbones trained from scratch, whose identity-initialised frozen BN barely learns.
+    `last_stage` 4 is published; 2 (stride 8) or 3 (stride 16) stop the trunk early (not published): a finer
+    feature map for small images, where layer4's stride 32 leaves only a few tokens.
     """
 
     def __init__(
@@ -59,8 +68,13 @@ class ResNetBody(nn.Module):
         dilation: bool,
         pretrained_path: str | None = None,
         norm: str = "frozen_bn",
+        last_stage: int = 4,
     ):
         super().__init__()
+        if last_stage not in (2, 3, 4):
+            raise ValueError(f"backbone last_stage must be 2, 3 or 4 (layer2..layer4), got {last_stage!r}")
+        if dilation and last_stage != 4:
+            raise ValueError(f"dilation (DC5) dilates layer4, but the trunk stops at layer{last_stage}")
         if norm not in NORM_LAYERS:
             raise ValueError(f"backbone norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
         if name not in RESNET_CHANNELS:
@@ -70,11 +84,12 @@ class ResNetBody(nn.Module):
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
         )
-        if pretrained_path is not None:
-            load_torchvision_weights(resnet, pretrained_path)
-        trunk = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        trunk = ("conv1", "bn1", "relu", "maxpool", *(f"layer{i}" for i in range(1, last_stage + 1)))
         self.body = nn.Sequential(OrderedDict((n, getattr(resnet, n)) for n in trunk))
-        self.num_channels = RESNET_CHANNELS[name]
+        if pretrained_path is not None:
+            load_torchvision_weights(self.body, pretrained_path)
+        self.num_channels = STAGE_CHANNELS[name][last_stage - 1]
+        self.stride = 2 ** (last_stage + 1) // (2 if dilation else 1)
         for pname, p in self.body.named_parameters():
             trainable = train_backbone and pname.startswith(("layer2", "layer3", "layer4"))
             p.requires_grad_(trainable)
@@ -90,14 +105,21 @@ class ResNetBody(nn.Module):
         return feature, small_mask
 
 
-def load_torchvision_weights(resnet: nn.Module, path: str) -> None:
-    """Load a local torchvision ImageNet ResNet file (the fc head is ignored); nothing is downloaded."""
+def load_torchvision_weights(trunk: nn.Module, path: str) -> None:
+    """Load a local torchvision ResNet file into `trunk` (torchvision names); nothing is downloaded.
+
+    Entries of modules the trunk does not have (the fc head, stages after its last one) are ignored; every trunk
+    tensor must come from the file.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a ResNet state dict, got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = resnet.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
+    kept = {n for n, _ in trunk.named_children()}
+    state = {k: v for k, v in state.items() if k.split(".", 1)[0] in kept}
+    try:
+        missing, unexpected = trunk.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches: another ResNet depth or width
+        raise ValueError(f"{path}: not a matching torchvision ResNet file: {err}") from err
     if missing or unexpected:
         raise ValueError(
             f"{path}: not a matching torchvision ResNet file; missing {missing[:5]}, unexpected {unexpected[:5]}"

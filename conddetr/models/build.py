@@ -30,6 +30,7 @@ def build_model(
     lr_backbone: float = 1e-5,
     pretrained_backbone: str | None = None,
     backbone_norm: str = "frozen_bn",
+    backbone_stage: int = 4,
 ) -> Detector:
     """Build Conditional DETR (`variant="conditional"`) or DETR (`"detr"`) with the published key layout.
 
@@ -37,8 +38,9 @@ def build_model(
     last is "no object"); the published COCO value is 91 for both. num_queries None = published 300 / 100.
     lr_backbone == 0 freezes the whole backbone (otherwise the stem and layer1 only). pretrained_backbone is a
     local torchvision ResNet file (never downloaded). backbone_norm "frozen_bn" is published; "batch_norm"
-    (trainable; not loadable from released checkpoints) is for backbones trained from scratch. hidden_dim must be
-    even and divisible by nheads.
+    (trainable; not loadable from released checkpoints) is for backbones trained from scratch. backbone_stage 4 is
+    published; 2 or 3 (not published) take the features after layer2 / layer3 (stride 8 / 16) for small images.
+    hidden_dim must be even and divisible by nheads.
     """
     if hidden_dim % 2 or hidden_dim % nheads:
         raise ValueError(
@@ -55,7 +57,10 @@ def build_model(
             num_logits = num_classes + 1
         case _:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    body = ResNetBody(backbone, lr_backbone > 0, dilation, pretrained_path=pretrained_backbone, norm=backbone_norm)
+    body = ResNetBody(
+        backbone, lr_backbone > 0, dilation, pretrained_path=pretrained_backbone, norm=backbone_norm,
+        last_stage=backbone_stage,
+    )  # fmt: skip
     joined = BackboneWithPosition(body, build_position_embedding(position_embedding, hidden_dim))
     transformer = Transformer(hidden_dim, nheads, enc_layers, dim_feedforward, dropout, decoder)
     queries = DEFAULT_NUM_QUERIES[variant] if num_queries is None else num_queries
