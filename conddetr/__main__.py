@@ -1,7 +1,8 @@
-"""Command line: `python -m conddetr train SPEC [key=value ...]` and `python -m conddetr first-step SPEC --out F ...`.
+"""Command line: `python -m conddetr {train,first-step,pretrain-backbone} SPEC [key=value ...]`.
 
 `train` runs (or resumes) the experiment in its run folder; `first-step` writes the first step's loss and gradients
-(engine.debug_first_step), e.g. under `torchrun --nproc_per_node 2 --standalone -m conddetr first-step ...`.
+(engine.debug_first_step), e.g. under `torchrun --nproc_per_node 2 --standalone -m conddetr first-step ...`;
+`pretrain-backbone` makes the spec's synthetic-pretrained backbone file (its `pretrain` section) unless cached.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     first.add_argument("spec")
     first.add_argument("--out", required=True, help="output file (torch.save of plain data)")
     first.add_argument("overrides", nargs="*")
+    pre = sub.add_parser("pretrain-backbone", help="make the spec's synthetic-pretrained backbone file (cached)")
+    pre.add_argument("spec")
+    pre.add_argument("--force", action="store_true", help="pretrain again even when the file is cached")
+    pre.add_argument("overrides", nargs="*")
     # Overrides may come before or after --out; argparse leaves the later ones unparsed.
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a]
@@ -38,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from conddetr.engine import NonFiniteLossError, TrainingInterrupted, debug_first_step, run
 
     cfg = load_config(args.spec, args.overrides)
+    if args.command == "pretrain-backbone":
+        return _pretrain_backbone(cfg, args.force)
     if args.command == "first-step":
         loss, _ = debug_first_step(cfg, args.out)
         print(f"first-step loss {loss:.8f} written to {args.out}")
@@ -51,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("conddetr").error("%s", err)
         return 1
     print({k: round(v, 6) for k, v in metrics.items()})
+    return 0
+
+
+def _pretrain_backbone(cfg, force: bool) -> int:
+    from conddetr.engine.setup import pretrain_settings_from_config
+    from conddetr.pretrain import backbone_file, ensure_pretrained_backbone
+
+    if not cfg.pretrain.enabled:
+        print(f"{cfg.name}: pretrain.enabled is false, so this spec uses no synthetic-pretrained backbone")
+        return 2
+    settings = pretrain_settings_from_config(cfg)
+    cached = backbone_file(cfg.pretrain.cache_dir, settings).is_file() and not force
+    path = ensure_pretrained_backbone(cfg.pretrain.cache_dir, settings, show_progress=True, force=force)
+    print(f"pretrained backbone {'(cached) ' if cached else ''}{path}")
     return 0
 
 

@@ -107,6 +107,15 @@ def render_image(
 
     1..`max_objects` objects whose bounding squares have sides >= `min_side` pixels (the difficulty knobs).
     """
+    image, objects, _ = render_scene(rng, size, max_objects, min_side)
+    return image, objects
+
+
+def render_scene(
+    rng: np.random.Generator, size: int, max_objects: int = MAX_OBJECTS, min_side: int = MIN_SIDE
+) -> tuple[np.ndarray, list[tuple[int, list[float]]], np.ndarray]:
+    """`render_image` plus the owner map: int16 `[size, size]`, the index of the object each pixel shows, -1 for
+    background (dense labels for backbone pretraining)."""
     image = _background(rng, size)
     owner = np.full((size, size), -1, dtype=np.int16)  # which object each pixel shows (later objects on top)
     full_area: list[int] = []
@@ -144,7 +153,7 @@ def render_image(
         # Visible extent (modal box, as COCO annotates), in pixel-edge coordinates.
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
         objects.append((shape, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]))
-    return np.clip(image, 0, 255).astype(np.uint8), objects
+    return np.clip(image, 0, 255).astype(np.uint8), objects, owner
 
 
 def _write_image(job: tuple[Path, int, int, int, int, int, int]) -> tuple[str, list[tuple[int, list[float]]]]:
