@@ -84,7 +84,7 @@ qa = bands.query_attention(model, images, mask, kwargs["variant"], layer=layer, 
 print(f"query {qa.query} (score {qa.score:.3f}) at decoder layer {qa.layer}, predicted box (cxcywh) {qa.box.tolist()}")
 for head in range(len(qa.stats["band_score"])):
     sides = {s: round(float(qa.stats[s][head]), 2) for s in bands.SIDES}
-    score, flat = qa.stats["band_score"][head], qa.stats["band_area"][head]
+    score, flat = qa.stats["band_score"][head], qa.stats["edge_share_flat"][head]
     print(f"head {head}: band score {score:.2f} (a flat map: {flat:.2f}), edge mass {sides}")
 
 # %%
