@@ -1,8 +1,9 @@
-"""Command line: `python -m conddetr {train,first-step,pretrain-backbone} SPEC [key=value ...]`.
+"""Command line: `python -m conddetr {train,first-step,pretrain-backbone} SPEC [key=value ...]`, `... demo [...]`.
 
 `train` runs (or resumes) the experiment in its run folder; `first-step` writes the first step's loss and gradients
 (engine.debug_first_step), e.g. under `torchrun --nproc_per_node 2 --standalone -m conddetr first-step ...`;
-`pretrain-backbone` makes the spec's synthetic-pretrained backbone file (its `pretrain` section) unless cached.
+`pretrain-backbone` makes the spec's synthetic-pretrained backbone file (its `pretrain` section) unless cached;
+`demo` is `make demo` (conddetr/demo.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # its own options (conddetr/demo.py)
+        from conddetr.demo import main as demo
+
+        return demo(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m conddetr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train or evaluate (eval.eval_only=true) an experiment spec")

@@ -71,6 +71,8 @@ class SyntheticConfig:
     num_val: int = 64
     max_objects: int = 10  # objects per image drawn uniformly in 1..max_objects (difficulty knob)
     min_object_size: int = 14  # smallest object side in pixels; 32 drops COCO's small bucket (difficulty knob)
+    class_colours: bool = False  # each shape its own colour: easy classification, localisation stays (difficulty knob)
+    min_visible: float = 0.5  # share of an object later ones must leave visible; 1.0 = no overlap (difficulty knob)
 
 
 @dataclass
@@ -154,6 +156,8 @@ class PretrainConfig:
     num_images: int = 4000  # rendered once into memory, sampled with flips and rescaling
     max_objects: int = 6
     min_object_size: int = 16
+    class_colours: bool = False  # as data.synthetic.class_colours: pretrain on the kind of images detection sees
+    min_visible: float = 0.5  # as data.synthetic.min_visible
     steps: int = 600
     batch_size: int = 32
     lr: float = 2e-3  # AdamW, linear warm-up then cosine decay
@@ -225,6 +229,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "data.synthetic.image_size": (lambda v: v >= 16, ">= 16 pixels"),
     "data.synthetic.num_train": (_positive, ">= 1"),
     "data.synthetic.num_val": (_positive, ">= 1"),
+    "data.synthetic.min_visible": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "pretrain.min_visible": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "data.train_scales": (_scales, "a non-empty list of sizes >= 1"),
     "data.crop_resize_scales": (_scales, "a non-empty list of sizes >= 1"),
     "data.crop_min_size": (_positive, ">= 1"),

@@ -28,7 +28,7 @@ import torchvision
 from torch import nn
 from tqdm import tqdm
 
-from conddetr.data.synthetic import GENERATOR_VERSION, SHAPES, render_scene
+from conddetr.data.synthetic import GENERATOR_VERSION, SHAPES, Difficulty, render_scene
 from conddetr.models.backbone import STAGE_CHANNELS
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class PretrainSettings:
     num_images: int = 4000
     max_objects: int = 6
     min_object_size: int = 16
+    class_colours: bool = False
+    min_visible: float = 0.5
     seed: int = 0
     steps: int = 600
     batch_size: int = 32
@@ -63,16 +65,20 @@ class PretrainSettings:
         digest = hashlib.sha1(text.encode()).hexdigest()[:12]
         return f"{self.backbone}_stage{self.last_stage}_{self.image_size}px_{digest}"
 
+    @property
+    def difficulty(self) -> Difficulty:
+        return Difficulty(self.max_objects, self.min_object_size, self.class_colours, self.min_visible)
+
 
 def backbone_file(cache_dir: str | Path, settings: PretrainSettings) -> Path:
     """Where the pretrained file of `settings` lives (whether or not it exists yet)."""
     return Path(cache_dir) / f"{settings.cache_key()}.pth"
 
 
-def _render_one(job: tuple[int, int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    seed, index, size, max_objects, min_side = job
+def _render_one(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    seed, index, size, difficulty = job
     rng = np.random.default_rng([seed, PRETRAIN_SPLIT, index])
-    image, objects, owner = render_scene(rng, size, max_objects, min_side)
+    image, objects, owner = render_scene(rng, size, difficulty)
     classes = np.array([shape for shape, _ in objects] + [BACKGROUND], dtype=np.int64)
     labels = classes[owner].astype(np.uint8)  # owner -1 (background) picks the last entry
     boxes = np.array([[x, y, x + w, y + h] for _, (x, y, w, h) in objects] + [[0, 0, 0, 0]], dtype=np.float32)
@@ -82,7 +88,7 @@ def _render_one(job: tuple[int, int, int, int, int]) -> tuple[np.ndarray, np.nda
 def render_pretrain_set(s: PretrainSettings, workers: int | None = None) -> dict[str, torch.Tensor]:
     """Images uint8 [N,3,S,S], labels uint8 [N,S,S] (shape index, BACKGROUND elsewhere), boxes f16 [N,4,S,S]
     (xyxy pixels of each pixel's object). Deterministic in the settings, whatever the worker count."""
-    jobs = [(s.seed, i, s.image_size, s.max_objects, s.min_object_size) for i in range(s.num_images)]
+    jobs = [(s.seed, i, s.image_size, s.difficulty) for i in range(s.num_images)]
     workers = workers or min(os.cpu_count() or 1, 8)
     if workers > 1 and len(jobs) >= 256 and "fork" in mp.get_all_start_methods():
         with mp.get_context("fork").Pool(workers) as pool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conddetr.config import ConfigError, load_config
-from conddetr.data.synthetic import SHAPES, render_image, render_scene
+from conddetr.data.synthetic import SHAPES, Difficulty, render_image, render_scene
 from conddetr.engine.setup import backbone_weights, pretrain_settings_from_config
 from conddetr.models import build_model
 from conddetr.pretrain import (
@@ -25,8 +25,8 @@ TINY = PretrainSettings(last_stage=2, image_size=64, num_images=8, max_objects=3
 
 
 def test_render_scene_owner_map_matches_the_objects():
-    image, objects, owner = render_scene(np.random.default_rng(7), 96, max_objects=5, min_side=16)
-    again, same_objects = render_image(np.random.default_rng(7), 96, max_objects=5, min_side=16)
+    image, objects, owner = render_scene(np.random.default_rng(7), 96, Difficulty(max_objects=5, min_object_size=16))
+    again, same_objects = render_image(np.random.default_rng(7), 96, Difficulty(max_objects=5, min_object_size=16))
     np.testing.assert_array_equal(image, again)  # render_image is render_scene without the owner map
     assert objects == same_objects
     for k, (_, (x, y, w, h)) in enumerate(objects):
@@ -45,7 +45,7 @@ def test_pretrain_targets_are_the_objects_classes_and_boxes():
     inside = (boxes[:, 0] <= xs) & (xs < boxes[:, 2]) & (boxes[:, 1] <= ys) & (ys < boxes[:, 3])
     assert inside[fg].all()  # every object pixel lies in the box it is labelled with
     # Its own stream: no pretraining image is a detection image of the same seed (split 0 train, 1 val).
-    detection_first = render_image(np.random.default_rng([TINY.seed, 0, 0]), 64, 3, 16)[0]
+    detection_first = render_image(np.random.default_rng([TINY.seed, 0, 0]), 64, TINY.difficulty)[0]
     assert not np.array_equal(data["images"][0].permute(1, 2, 0).numpy(), detection_first)
 
 

@@ -216,3 +216,78 @@ def plot_bands(image: torch.Tensor, qa: QueryAttention, heads: list[int] | None 
                 ax.set_ylabel(kind)
     fig.suptitle(title or f"decoder layer {qa.layer}, query {qa.query} (score {qa.score:.2f})")
     return fig
+
+
+def load_model_and_val_data(checkpoint, spec=None, overrides=(), seed: int = 0):
+    """(model, val dataset, variant, description) for attention plots.
+
+    `checkpoint`: a conddetr run checkpoint (its own config and synthetic data), a released one (`args` inside; the
+    data come from `spec`), or a missing path: a randomly initialised model of `spec` (the mechanics only).
+    """
+    from pathlib import Path
+
+    from conddetr.config import config_from_dict, load_config
+    from conddetr.data import build_datasets
+    from conddetr.engine.setup import model_kwargs_from_config
+    from conddetr.models import build_model
+    from conddetr.models.published import load_checkpoint_file, load_published_state_dict, model_kwargs_from_args
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        cfg = load_config(spec, list(overrides))
+        _, val_ds, info = build_datasets(cfg.data, num_classes=cfg.model.num_classes)
+        torch.manual_seed(seed)
+        num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else info.num_classes
+        kwargs = {"variant": cfg.model.variant, **model_kwargs_from_config(cfg, num_classes)}
+        return build_model(**kwargs), val_ds, kwargs["variant"], "randomly initialised"
+    ckpt = load_checkpoint_file(path)  # weights_only: plain data (argparse.Namespace allowed)
+    if "model_kwargs" in ckpt:  # a conddetr run: its own model and data
+        kwargs = dict(ckpt["model_kwargs"])
+        cfg = config_from_dict(ckpt["config"], list(overrides), source=f"{path} 'config'")
+    elif "args" in ckpt:  # a released checkpoint: model from its args, images from `spec`'s data
+        kwargs = model_kwargs_from_args(ckpt["args"])
+        cfg = load_config(spec, list(overrides))
+    else:
+        raise KeyError(f"{path}: neither 'model_kwargs' (a conddetr run) nor 'args' (a released checkpoint)")
+    _, val_ds, _ = build_datasets(cfg.data)
+    model = build_model(**kwargs)
+    load_published_state_dict(model, ckpt)
+    epochs = f"{ckpt['epoch'] + 1} epochs trained" if "epoch" in ckpt else "epochs unknown"
+    return model, val_ds, kwargs["variant"], f"loaded {path} ({epochs})"
+
+
+@dataclass
+class AttentionReport:
+    """Figure of one image's most confident query, and band scores of the top query of `images` val images."""
+
+    figure: object  # matplotlib Figure (plot_bands)
+    scores: dict[str, torch.Tensor]  # kind -> [images, heads] band_score of that kind's maps
+    variant: str
+
+    @property
+    def summary(self) -> str:
+        med = {kind: float(v.median()) for kind, v in self.scores.items()}
+        best = self.scores["spatial"].median(0).values  # [heads]
+        return (
+            f"band score (flat map = 1.00), median over {self.scores['spatial'].shape[0]} val images and all heads: "
+            f"spatial {med['spatial']:.2f}, content {med['content']:.2f}, combined {med['combined']:.2f}; "
+            f"per head (spatial) {[round(float(x), 2) for x in best]}"
+        )
+
+
+def attention_report(checkpoint, images: int = 16, layer: int = -1, spec=None, overrides=()) -> AttentionReport:
+    """Band scores of every head for the most confident query of the first `images` val images, and the Figure 1
+    plot of the first one (the demo and the notebook print / save these)."""
+    from conddetr.data import collate
+
+    model, val_ds, variant, _ = load_model_and_val_data(checkpoint, spec, overrides)
+    scores: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}
+    figure = None
+    for index in range(min(images, len(val_ds))):
+        batch_images, mask, _ = collate([val_ds[index]])
+        qa = query_attention(model, batch_images, mask, variant, layer=layer)
+        for kind in KINDS:
+            scores[kind].append(band_stats(qa.maps[kind], qa.box, valid=qa.valid_frac)["band_score"])
+        if figure is None:
+            figure = plot_bands(batch_images[0], qa)
+    return AttentionReport(figure, {kind: torch.stack(v) for kind, v in scores.items()}, variant)

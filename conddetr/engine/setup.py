@@ -34,7 +34,8 @@ def pretrain_settings_from_config(cfg):
     p = cfg.pretrain
     return PretrainSettings(
         backbone=cfg.model.backbone, last_stage=cfg.model.backbone_stage, image_size=p.image_size,
-        num_images=p.num_images, max_objects=p.max_objects, min_object_size=p.min_object_size, seed=p.seed,
+        num_images=p.num_images, max_objects=p.max_objects, min_object_size=p.min_object_size,
+        class_colours=p.class_colours, min_visible=p.min_visible, seed=p.seed,
         steps=p.steps, batch_size=p.batch_size, lr=p.lr, extent_loss_coef=p.extent_loss_coef,
     )  # fmt: skip
 
