@@ -148,20 +148,16 @@ class LaunchConfig:
 @dataclass
 class PretrainConfig:
     # Not published: a synthetic stand-in for the published ImageNet weights (conddetr/pretrain.py). With `enabled`,
-    # the backbone starts from the cached file of these settings (and model.backbone / backbone_stage), made by
-    # `python -m conddetr pretrain-backbone SPEC` or on first use; detection then keeps the published frozen BN.
+    # the backbone (model.backbone up to model.backbone_stage) starts from the cached file of these settings, made by
+    # `python -m conddetr pretrain-backbone SPEC` or on first use; detection keeps the published frozen BN. Images
+    # come from the data.synthetic generator (its size and difficulty knobs) in a stream of their own.
     enabled: bool = False
     cache_dir: str = ".cache/backbones"  # one file per settings, reused by every run that asks for them
-    seed: int = 0  # images come from their own synthetic stream: never one of the detection splits
-    image_size: int = 128
-    num_images: int = 4000  # rendered once into memory, sampled with flips and rescaling
-    max_objects: int = 6
-    min_object_size: int = 16
-    class_colours: bool = False  # as data.synthetic.class_colours: pretrain on the kind of images detection sees
-    min_visible: float = 0.5  # as data.synthetic.min_visible
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 2e-3  # AdamW, linear warm-up then cosine decay
+    seed: int = 0  # of the pretraining images and initialisation; never one of the detection splits' streams
+    num_images: int = 3000  # rendered once into memory, sampled with flips and rescaling
+    steps: int = 300
+    images_per_step: int = 32
+    peak_lr: float = 2e-3  # AdamW, linear warm-up then cosine decay
     extent_loss_coef: float = 1.0  # weight of the box-extent regression beside the dense shape labels
 
 
@@ -231,7 +227,6 @@ _RULES: dict[str, tuple[Any, str]] = {
     "data.synthetic.num_train": (_positive, ">= 1"),
     "data.synthetic.num_val": (_positive, ">= 1"),
     "data.synthetic.min_visible": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "pretrain.min_visible": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "data.train_scales": (_scales, "a non-empty list of sizes >= 1"),
     "data.crop_resize_scales": (_scales, "a non-empty list of sizes >= 1"),
     "data.crop_min_size": (_positive, ">= 1"),
@@ -251,10 +246,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     **{f"launch.{k}": (_positive, ">= 1") for k in ("nodes", "cpus_per_task", "mem_gb", "timeout_min")},
     "launch.gpus_per_node": (_non_negative, ">= 0"),
     "launch.array_parallelism": (_positive, ">= 1"),
-    **{f"pretrain.{k}": (_positive, ">= 1") for k in ("num_images", "max_objects", "min_object_size", "steps")},
-    "pretrain.image_size": (lambda v: v >= 32, ">= 32 pixels"),
-    "pretrain.batch_size": (_positive, ">= 1"),
-    "pretrain.lr": (lambda v: v > 0, "> 0"),
+    **{f"pretrain.{k}": (_positive, ">= 1") for k in ("num_images", "steps", "images_per_step")},
+    "pretrain.peak_lr": (lambda v: v > 0, "> 0"),
     "pretrain.extent_loss_coef": (_non_negative, ">= 0"),
 }
 
@@ -469,6 +462,12 @@ def _validate(cfg: DictConfig, provenance: dict[str, str]) -> None:
             f"model.dilation=true ({where('model.dilation')}) dilates layer4, but model.backbone_stage="
             f"{m.backbone_stage} ({where('model.backbone_stage')}) stops the backbone before it"
         )
+    if cfg.pretrain.enabled and d.dataset != "synthetic":
+        raise ConfigError(
+            f"pretrain.enabled=true ({where('pretrain.enabled')}) pretrains on the synthetic generator's images, but "
+            f"data.dataset={d.dataset!r} ({where('data.dataset')}): give real data real weights "
+            "(model.pretrained_backbone=FILE)"
+        )
     if cfg.pretrain.enabled and m.pretrained_backbone:
         raise ConfigError(
             f"pretrain.enabled=true ({where('pretrain.enabled')}) and model.pretrained_backbone="
@@ -507,14 +506,22 @@ def _validate(cfg: DictConfig, provenance: dict[str, str]) -> None:
             )
 
 
-SWEEP_KEYS = ("base", "grid", "runs")
+SWEEP_KEYS = ("base", "common", "grid", "runs")
 
 
 def load_sweep(path: str | os.PathLike) -> tuple[str, list[list[str]]]:
     """Expand a sweep file into (base spec path, one override list per run); every run is validated.
 
     Order: for each entry of `runs` (file order), every `grid` point (cartesian product, first key slowest).
+    `common` overrides come first in every run.
     """
+    base_path, named = load_sweep_runs(path)
+    return base_path, [overrides for _, overrides in named]
+
+
+def load_sweep_runs(path: str | os.PathLike) -> tuple[str, list[tuple[str, list[str]]]]:
+    """`load_sweep` with each run's name: `run_name_for` of its grid and run overrides (`common` ones are shared by
+    every run, so they stay out of the names)."""
     path = Path(path)
     data = _read_yaml_mapping(path)
     for key in data:
@@ -526,6 +533,10 @@ def load_sweep(path: str | os.PathLike) -> tuple[str, list[list[str]]]:
     if not isinstance(base, str) or not base:
         raise ConfigError(f"sweep {path} needs 'base': the spec path, relative to the sweep file")
     base_path = os.path.normpath(path.parent / base)
+    common = data.get("common") or {}
+    if not isinstance(common, dict):
+        raise ConfigError(f"'common' in sweep {path} must be a mapping of overrides shared by every run")
+    common = flatten_keys(common)
     grid = data.get("grid") or {}
     runs = data.get("runs")
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
@@ -536,25 +547,29 @@ def load_sweep(path: str | os.PathLike) -> tuple[str, list[list[str]]]:
         raise ConfigError(f"sweep {path} defines no runs: give 'grid', 'runs' or both")
 
     points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
-    expanded: list[list[str]] = []
+    shared = [f"{k}={_format_value(v, path)}" for k, v in common.items()]
+    expanded: list[tuple[str, list[str]]] = []
+    names: dict[str, list[str]] = {}
     for index, run in enumerate(runs or [{}]):
-        run = _flatten(run)
+        run = flatten_keys(run)
         for point in points:
             both = sorted(set(point) & set(run))
             if both:
                 raise ConfigError(f"sweep {path}: runs[{index}] sets {', '.join(both)}, which 'grid' also sweeps")
-            expanded.append([f"{k}={_format_value(v, path)}" for k, v in {**point, **run}.items()])
-
-    names: dict[str, list[str]] = {}
-    for overrides in expanded:
-        try:
-            load_config(base_path, overrides)
-        except ConfigError as e:
-            raise ConfigError(f"sweep {path}, run {overrides}: {e}") from e
-        name = run_name_for(overrides)
-        if name in names:
-            raise ConfigError(f"sweep {path}: runs {names[name]} and {overrides} share the name '{name}'")
-        names[name] = overrides
+            again = sorted(set(common) & (set(point) | set(run)))
+            if again:
+                raise ConfigError(f"sweep {path}: 'common' sets {', '.join(again)}, which 'grid' or 'runs' also set")
+            own = [f"{k}={_format_value(v, path)}" for k, v in {**point, **run}.items()]
+            overrides = shared + own
+            try:
+                load_config(base_path, overrides)
+            except ConfigError as e:
+                raise ConfigError(f"sweep {path}, run {overrides}: {e}") from e
+            name = run_name_for(own)
+            if name in names:
+                raise ConfigError(f"sweep {path}: runs {names[name]} and {overrides} share the name '{name}'")
+            names[name] = overrides
+            expanded.append((name, overrides))
     return base_path, expanded
 
 
@@ -585,12 +600,12 @@ def _short_key(key: str) -> str:
     return key
 
 
-def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested run mappings ({model: {variant: detr}}) become dotted keys ({model.variant: detr})."""
+def flatten_keys(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings ({model: {variant: detr}}) become dotted keys ({model.variant: detr})."""
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -31,18 +31,21 @@ class DemoRun:
 
 
 def plan(specs: list[str], overrides: list[str]) -> list[DemoRun]:
-    """Resolve the specs; every one must start from the same backbone file (the comparison stays fair)."""
-    from conddetr.config import load_config, run_dir_of
+    """Resolve the specs; they may differ only in the variant and its published loss weights (equal terms)."""
+    from conddetr.config import config_to_dict, flatten_keys, load_config, run_dir_of
 
     runs = []
     for spec in specs:
         cfg = load_config(spec, overrides)
         runs.append(DemoRun(NAMES[cfg.model.variant], spec, cfg, run_dir_of(cfg)))
-    backbones = {json.dumps(dict(r.cfg.pretrain), sort_keys=True) + str(r.cfg.model.pretrained_backbone) for r in runs}
-    if len(backbones) != 1:
-        raise ValueError(f"{', '.join(specs)} start from different backbones: the comparison would not be fair")
     if len({r.name for r in runs}) != len(runs):
         raise ValueError(f"{', '.join(specs)}: give one spec per variant")
+    sections = ("model", "data", "optim", "pretrain")
+    shared = [flatten_keys({k: v for k, v in config_to_dict(r.cfg).items() if k in sections}) for r in runs]
+    differ = sorted(k for k in shared[0] if k != "model.variant" and any(s.get(k) != shared[0][k] for s in shared))
+    if differ:
+        what = "start from different backbones" if any(k.startswith("pretrain") for k in differ) else "differ"
+        raise ValueError(f"{', '.join(specs)} {what} ({', '.join(differ)}): the comparison would not be fair")
     return runs
 
 
@@ -55,6 +58,15 @@ def pretrain_once(run: DemoRun) -> str | None:
     path = backbone_weights(run.cfg)  # pretrains with a progress bar unless the file is cached
     print(f"backbone: {path} ({time.perf_counter() - start:.0f} s)", flush=True)
     return path
+
+
+def prepare_data(run: DemoRun) -> None:
+    """Generate the synthetic dataset once here, so the runs started side by side do not both render it."""
+    from conddetr.data import build_datasets
+
+    start = time.perf_counter()
+    train_ds, val_ds, _ = build_datasets(run.cfg.data)
+    print(f"data: {len(train_ds)} train / {len(val_ds)} val images ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def start(run: DemoRun, overrides: list[str], threads: int) -> None:
@@ -151,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     runs = plan(args.specs, args.overrides)
     pretrain_once(runs[0])
+    prepare_data(runs[0])
     train_all(runs, args.overrides, parallel=not args.sequential)
     analyse(runs, Path(args.out))
     t = runs[0].cfg.tracking

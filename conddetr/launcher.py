@@ -16,7 +16,7 @@ from pathlib import Path
 
 import submitit
 
-from conddetr.config import config_from_dict, config_to_dict, load_config, load_sweep, run_dir_of, run_name_for
+from conddetr.config import config_from_dict, config_to_dict, load_config, load_sweep_runs, run_dir_of
 
 LAUNCH_RECORD = "launch.json"  # job id, cluster, submission time: what `launch.py status` reads
 ERROR_FILE = "error.txt"  # written by a failing job: exception line first, then the traceback
@@ -44,15 +44,14 @@ def plan_runs(spec: str | None, overrides: list[str], sweep: str | None = None) 
         run_dir = run_dir_of(cfg).absolute()
         cfg.run_dir = str(run_dir)
         return [RunPlan(cfg.name, run_dir, list(overrides), config_to_dict(cfg))], None
-    base_spec, runs = load_sweep(sweep)
+    base_spec, runs = load_sweep_runs(sweep)
     spec = spec or base_spec
     sweep_name = Path(sweep).stem
     plans = []
-    for run_overrides in runs:
+    for name, run_overrides in runs:
         # Sweep values come last so a command-line override of the same key cannot collapse the sweep.
         all_overrides = [*overrides, *run_overrides]
         cfg = load_config(spec, all_overrides)
-        name = run_name_for(run_overrides)
         run_dir = (Path(cfg.output_dir) / sweep_name / name).absolute()
         cfg.run_dir = str(run_dir)
         plans.append(RunPlan(name, run_dir, all_overrides, config_to_dict(cfg)))

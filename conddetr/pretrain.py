@@ -47,13 +47,13 @@ class PretrainSettings:
     backbone: str = "resnet18"
     last_stage: int = 4  # train stem..layer<last_stage>; later stages are not in the file
     image_size: int = 128
-    num_images: int = 4000
+    num_images: int = 3000
     max_objects: int = 6
     min_object_size: int = 16
     class_colours: bool = False
     min_visible: float = 0.5
     seed: int = 0
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4

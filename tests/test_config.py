@@ -18,6 +18,7 @@ from conddetr.config import (
     config_to_dict,
     load_config,
     load_sweep,
+    load_sweep_runs,
     run_name_for,
     save_config,
 )
@@ -69,7 +70,11 @@ def test_misspelled_key_in_yaml(tmp_path, yaml_text, key, suggestion):
 
 @pytest.mark.parametrize(
     ("override", "suggestion"),
-    [("optim.lrr=1", "'optim.lr'"), ("model.lr=1", "'optim.lr'"), ("seeed=1", "'data.synthetic.seed' or 'optim.seed'")],
+    [
+        ("optim.lrr=1", "'optim.lr'"),
+        ("model.lr=1", "'optim.lr'"),
+        ("seeed=1", "'data.synthetic.seed' or 'optim.seed' or 'pretrain.seed'"),
+    ],
 )
 def test_misspelled_key_on_command_line(override, suggestion):
     with pytest.raises(ConfigError) as info:
@@ -240,6 +245,36 @@ def test_sweep_grid_times_runs_in_deterministic_order(tmp_path):
     assert names[0] == "lr0.0001_batch_size1_variant-conditional"
     assert names[-1] == "lr0.0002_batch_size2_variant-detr_num_queries5"
     assert len(set(names)) == len(names)
+
+
+def test_sweep_common_overrides_apply_to_every_run_but_not_to_names(tmp_path):
+    write(tmp_path / "spec.yaml", "optim:\n  epochs: 2\n")
+    text = """\
+        base: spec.yaml
+        common:
+          tracking: {group: study}
+          launch.cpus_per_task: 1
+        grid:
+          optim.seed: [1, 2]
+        runs:
+          - {}
+          - model.variant: detr
+        """
+    sweep = write(tmp_path / "s.yaml", text)
+    base, named = load_sweep_runs(sweep)
+    assert [name for name, _ in named] == ["optim.seed1", "optim.seed2", "optim.seed1_variant-detr",
+                                           "optim.seed2_variant-detr"]  # fmt: skip
+    shared = ["tracking.group=study", "launch.cpus_per_task=1"]
+    assert [o for _, o in named] == [[*shared, "optim.seed=1"], [*shared, "optim.seed=2"],
+                                     [*shared, "optim.seed=1", "model.variant=detr"],
+                                     [*shared, "optim.seed=2", "model.variant=detr"]]  # fmt: skip
+    assert load_sweep(sweep) == (base, [o for _, o in named])
+    clash = write(tmp_path / "clash.yaml", text.replace("launch.cpus_per_task: 1", "optim.seed: 3"))
+    with pytest.raises(ConfigError, match=r"'common' sets optim.seed, which 'grid' or 'runs' also set"):
+        load_sweep(clash)
+    bad = write(tmp_path / "bad.yaml", "base: spec.yaml\ncommon: [1]\nruns:\n  - {}\n")
+    with pytest.raises(ConfigError, match="'common' in sweep .* must be a mapping"):
+        load_sweep(bad)
 
 
 def test_sweep_values_survive_the_override_grammar(tmp_path):

@@ -52,6 +52,14 @@ def test_published_rows(name):
         epochs, drop, 1e-4, 1e-5, 1e-4, 0.1
     )  # fmt: skip
     assert (cfg.data.dataset, m.num_classes, cfg.name) == ("coco", 91, name)
+    # Options the papers do not have stay out of the published rows.
+    assert (m.backbone_stage, m.backbone_norm, m.pretrained_backbone, cfg.pretrain.enabled) == (
+        4,
+        "frozen_bn",
+        None,
+        False,
+    )
+    assert (cfg.data.random_crop, m.dropout) == (True, 0.1)
     assert cfg.data.batch_size * cfg.launch.gpus_per_node * cfg.launch.nodes * o.accum_steps == 8 * per_gpu
     costs = (1.0, 1.0, 0.1) if variant == "detr" else (2.0, 2.0, 0.1)
     assert (cfg.loss.set_cost_class, cfg.loss.cls_loss_coef, cfg.loss.eos_coef) == costs
@@ -85,18 +93,23 @@ def test_synthetic_scales_suit_the_image_size(name):
     d, size = cfg.data, cfg.data.synthetic.image_size
     assert d.dataset == "synthetic" and cfg.model.backbone == "resnet18"
     assert size / 2 <= min(d.train_scales) and max(d.train_scales) <= size
-    assert d.val_scale == size and max(d.crop_resize_scales) <= size
-    assert d.crop_min_size <= d.crop_max_size <= min(d.crop_resize_scales)
-    assert d.max_size >= size
+    assert d.val_scale == size and d.max_size >= size
+    if d.random_crop:
+        assert max(d.crop_resize_scales) <= size and d.crop_min_size <= d.crop_max_size <= min(d.crop_resize_scales)
 
 
 def test_demo_and_smoke_settings():
     demo, detr = load_config(spec_path("demo_synthetic")), load_config(spec_path("demo_synthetic_detr"))
     assert demo.tracking.wandb_mode == "offline" and demo.model.variant == "conditional"
-    assert (demo.model.hidden_dim, demo.model.enc_layers, demo.model.dec_layers) == (128, 2, 2)
+    assert demo.tracking.group == detr.tracking.group == "demo"  # side by side in W&B
+    m = demo.model
+    assert (m.backbone_stage, m.backbone_norm, demo.pretrain.enabled) == (2, "frozen_bn", True)
+    assert demo.optim.lr_backbone == demo.optim.lr / 10  # the published ratio on the synthetic-pretrained backbone
     assert detr.model.variant == "detr" and (detr.loss.set_cost_class, detr.loss.cls_loss_coef) == (1.0, 1.0)
-    differs = {k for k in ("model", "data", "optim") if OmegaConf.select(demo, k) != OmegaConf.select(detr, k)}
-    assert differs == {"model"}  # the DETR peer trains on the same data with the same schedule
+    sections = ("model", "data", "optim", "pretrain")
+    differs = {k for k in sections if OmegaConf.select(demo, k) != OmegaConf.select(detr, k)}
+    assert differs == {"model"}  # the DETR peer: same backbone file, data and schedule
+    assert {**demo.model, "variant": "detr"} == dict(detr.model)  # ... and the same width, layers and queries
     smoke = load_config(spec_path("smoke_synthetic"))
     m, s = smoke.model, smoke.data.synthetic
     assert (m.hidden_dim, m.enc_layers, m.dec_layers, m.num_queries) == (32, 1, 1, 10)

@@ -73,8 +73,9 @@ def test_pretrained_file_is_cached_reproducible_and_loads_into_the_detector(tmp_
 
 def test_config_pretrain_section_chooses_the_backbone_file(tmp_path):
     overrides = ["model.backbone=resnet18", "model.backbone_stage=2", "pretrain.enabled=true",
-                 f"pretrain.cache_dir={tmp_path}", "pretrain.image_size=64", "pretrain.num_images=8",
-                 "pretrain.max_objects=3", "pretrain.steps=3", "pretrain.batch_size=4"]  # fmt: skip
+                 f"pretrain.cache_dir={tmp_path}", "data.synthetic.image_size=64", "pretrain.num_images=8",
+                 "data.synthetic.max_objects=3", "data.synthetic.min_object_size=16", "pretrain.steps=3",
+                 "pretrain.images_per_step=4", "pretrain.peak_lr=0.002"]  # fmt: skip
     cfg = load_config(None, overrides)
     assert pretrain_settings_from_config(cfg) == TINY
     assert backbone_weights(cfg) == str(backbone_file(tmp_path, TINY))
@@ -83,6 +84,8 @@ def test_config_pretrain_section_chooses_the_backbone_file(tmp_path):
         load_config(None, [*overrides, "model.pretrained_backbone=/x.pth"])
     with pytest.raises(ConfigError, match="pretrain.steps=0"):
         load_config(None, ["pretrain.steps=0"])
+    with pytest.raises(ConfigError, match="pretrain.enabled=true .* data.dataset='coco'"):
+        load_config(None, ["pretrain.enabled=true", "data.dataset=coco", "data.root=/coco"])
 
 
 def test_pretrain_backbone_command(tmp_path, capsys):
@@ -90,8 +93,7 @@ def test_pretrain_backbone_command(tmp_path, capsys):
 
     spec = str(REPO / "experiments" / "smoke_synthetic.yaml")
     overrides = ["model.backbone_stage=2", "pretrain.enabled=true", f"pretrain.cache_dir={tmp_path}",
-                 "pretrain.image_size=64", "pretrain.num_images=8", "pretrain.steps=1",
-                 "pretrain.batch_size=2"]  # fmt: skip
+                 "pretrain.num_images=8", "pretrain.steps=1", "pretrain.images_per_step=2"]  # fmt: skip
     assert main(["pretrain-backbone", spec, *overrides]) == 0
     made = list(tmp_path.glob("*.pth"))
     assert len(made) == 1 and f"pretrained backbone {made[0]}" in capsys.readouterr().out

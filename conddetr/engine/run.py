@@ -324,18 +324,14 @@ def _check_layout(data: dict, world_size: int, cfg) -> None:
 
 
 def _warn_config_changes(old: dict, new: dict) -> None:
-    changed = {k: (v, _flat(new).get(k)) for k, v in _flat(old).items() if _flat(new).get(k) != v}
+    from conddetr.config import flatten_keys
+
+    old, new = flatten_keys(old), flatten_keys(new)
+    changed = {k: (v, new.get(k)) for k, v in old.items() if new.get(k) != v}
     if changed:
         log.warning(
             "resuming with a changed config: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         )
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _fmt(metrics: dict) -> str:

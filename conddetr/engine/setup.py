@@ -28,15 +28,15 @@ def model_kwargs_from_config(cfg, num_classes: int) -> dict:
 
 
 def pretrain_settings_from_config(cfg):
-    """`pretrain.PretrainSettings` of a config's pretrain section, for its model's backbone and stage."""
+    """`pretrain.PretrainSettings` of a config: its pretrain section, model backbone and synthetic data knobs."""
     from conddetr.pretrain import PretrainSettings
 
-    p = cfg.pretrain
+    p, syn = cfg.pretrain, cfg.data.synthetic
     return PretrainSettings(
-        backbone=cfg.model.backbone, last_stage=cfg.model.backbone_stage, image_size=p.image_size,
-        num_images=p.num_images, max_objects=p.max_objects, min_object_size=p.min_object_size,
-        class_colours=p.class_colours, min_visible=p.min_visible, seed=p.seed,
-        steps=p.steps, batch_size=p.batch_size, lr=p.lr, extent_loss_coef=p.extent_loss_coef,
+        backbone=cfg.model.backbone, last_stage=cfg.model.backbone_stage, image_size=syn.image_size,
+        num_images=p.num_images, max_objects=syn.max_objects, min_object_size=syn.min_object_size,
+        class_colours=syn.class_colours, min_visible=syn.min_visible, seed=p.seed, steps=p.steps,
+        batch_size=p.images_per_step, lr=p.peak_lr, extent_loss_coef=p.extent_loss_coef,
     )  # fmt: skip
 
 
