@@ -41,6 +41,7 @@ fallback_root = "runs/analysis_fallback"
 fallback_overrides = []  # extra key=value overrides for both fallback runs (e.g. "optim.epochs=3")
 # The DETR fallback changes what demo_synthetic_detr.yaml changes: the variant and DETR's class loss / matcher weights.
 detr_overrides = ["model.variant=detr", "loss.set_cost_class=1", "loss.cls_loss_coef=1", "loss.eos_coef=0.1"]
+study_dir = None  # a sweep's output folder (e.g. "runs/convergence_study"): the same comparison over its seeds
 
 # %%
 # Relative paths (here and inside the configs: run folders, the synthetic data cache) mean the same as for
@@ -107,3 +108,27 @@ save(convergence.plot_ap_curves(runs, metric=metric, target=target), f"convergen
 save(convergence.plot_train_loss(runs), "train_loss.png")
 save(convergence.plot_published(), "published_ap.png")
 print("figures written to", out)
+
+
+# %% [markdown]
+# ## Over seeds
+# With `study_dir` set to a sweep's output folder (experiments/sweeps/convergence_study.yaml: seeds x models, DETR on a
+# 3x longer schedule), each model's val AP is averaged over seeds (band: +-1 standard deviation) and the speed-up is
+# computed per seed: epochs DETR needs for its own final AP over the epochs Conditional DETR needs for it.
+
+# %%
+if study_dir is not None:
+    from conddetr.analysis import seeds
+
+    study = seeds.load_study(study_dir)
+    labels = {"conditional": "Conditional DETR", "detr": "DETR"}
+    groups = {labels[v]: list(runs.values()) for v, runs in sorted(study.items())}
+    for name, group in groups.items():
+        stats = seeds.aggregate(group, metric)
+        print(f"{name}: {stats.seeds} seeds, final val {metric} {100 * stats.mean[-1]:.1f} +- "
+              f"{100 * stats.std[-1]:.1f} at epoch {stats.epochs[-1]:g}")  # fmt: skip
+    if {"conditional", "detr"} <= set(study):
+        per_seed = seeds.speedups_per_seed(study["detr"], study["conditional"], metric)
+        for seed, speedup in per_seed.items():
+            print(f"seed {seed}: " + speedup.describe("DETR", "Conditional DETR"))
+    save(seeds.plot_seed_curves(groups, metric=metric), f"convergence_seeds_{metric}.png")

@@ -40,7 +40,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     for name in ("Conditional DETR", "DETR"):
         assert re.search(rf"{name} +epoch 2: val AP", text), text  # progress echoed from each run
         assert re.search(rf"{name} +final val AP", text), text
-        assert re.search(rf"{name} +band score \(flat map = 1.00\)", text), text
+        assert re.search(rf"{name} +spatial maps: \d/\d heads banded", text), text
     assert re.search(r"Conditional DETR (reaches|never reached) AP", text) or "DETR never reached" in text, text
     for png in ("convergence_AP.png", "train_loss.png", "attention_bands_conditional.png", "attention_bands_detr.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC, png

@@ -11,6 +11,8 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
+from conddetr.config import load_config, save_config
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SPEC = str(REPO / "experiments" / "smoke_synthetic.yaml")
 
@@ -50,12 +52,25 @@ def test_convergence_notebook_on_run_folders(tmp_path):
         "DETR": write_run(tmp_path / "detr", {2: 0.05, 4: 0.10, 6: 0.20, 8: 0.30}),
         "slow": write_run(tmp_path / "slow", {4: 0.10, 8: 0.20}),
     }
+    study = tmp_path / "study"
+    seed_runs = [
+        ("c1", "conditional", 1, {1: 0.2, 2: 0.4}),
+        ("c2", "conditional", 2, {1: 0.3, 2: 0.5}),
+        ("d1", "detr", 1, {3: 0.1, 6: 0.3}),
+        ("d2", "detr", 2, {3: 0.2, 6: 0.25}),
+    ]
+    for folder, variant, seed, aps in seed_runs:
+        write_run(study / folder, aps)
+        save_config(load_config(None, [f"model.variant={variant}", f"optim.seed={seed}"]), study / folder)
     out = tmp_path / "figs"
-    text = execute("convergence", {"run_dirs": runs, "output_dir": str(out)}, tmp_path)
-    assert_pngs(out, ["convergence_AP.png", "train_loss.png", "published_ap.png"])
+    text = execute("convergence", {"run_dirs": runs, "output_dir": str(out), "study_dir": str(study)}, tmp_path)
+    assert_pngs(out, ["convergence_AP.png", "train_loss.png", "published_ap.png", "convergence_seeds_AP.png"])
     assert "Conditional DETR reaches AP 30.0 in 2 epochs vs 8: 4.00x fewer" in text
     assert "slow never reached AP 30.0" in text
     assert "Training tiny fallback runs" not in text
+    assert "Conditional DETR: 2 seeds, final val AP 45.0 +- 7.1 at epoch 2" in text
+    assert "seed 1: Conditional DETR reaches AP 30.0 in 1.5 epochs vs 6: 4.00x fewer" in text
+    assert "seed 2: Conditional DETR reaches AP 25.0 in 1 epochs vs 6: 6.00x fewer" in text
 
 
 @pytest.fixture(scope="module")

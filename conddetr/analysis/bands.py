@@ -262,17 +262,23 @@ class AttentionReport:
 
     figure: object  # matplotlib Figure (plot_bands)
     scores: dict[str, torch.Tensor]  # kind -> [images, heads] band_score of that kind's maps
+    near_box: torch.Tensor  # [images, heads] spatial attention mass within the box grown by 25 % per side
     variant: str
 
     @property
     def summary(self) -> str:
+        per_head = self.scores["spatial"].median(0).values  # [heads]
+        banded = int((per_head >= BANDED).sum())
         med = {kind: float(v.median()) for kind, v in self.scores.items()}
-        best = self.scores["spatial"].median(0).values  # [heads]
         return (
-            f"band score (flat map = 1.00), median over {self.scores['spatial'].shape[0]} val images and all heads: "
-            f"spatial {med['spatial']:.2f}, content {med['content']:.2f}, combined {med['combined']:.2f}; "
-            f"per head (spatial) {[round(float(x), 2) for x in best]}"
+            f"spatial maps: {banded}/{len(per_head)} heads banded (median band score >= {BANDED}; a flat map scores "
+            f"1.00), per head {[round(float(x), 2) for x in per_head]}; {100 * float(self.near_box.median()):.0f} % "
+            f"of their mass near the box; band score medians over {self.scores['spatial'].shape[0]} val images: "
+            f"spatial {med['spatial']:.2f}, content {med['content']:.2f}, combined {med['combined']:.2f}"
         )
+
+
+BANDED = 1.5  # a head whose median band score reaches this concentrates on one box side (flat = 1)
 
 
 def attention_report(checkpoint, images: int = 16, layer: int = -1, spec=None, overrides=()) -> AttentionReport:
@@ -282,12 +288,15 @@ def attention_report(checkpoint, images: int = 16, layer: int = -1, spec=None, o
 
     model, val_ds, variant, _ = load_model_and_val_data(checkpoint, spec, overrides)
     scores: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}
+    near: list[torch.Tensor] = []
     figure = None
     for index in range(min(images, len(val_ds))):
         batch_images, mask, _ = collate([val_ds[index]])
         qa = query_attention(model, batch_images, mask, variant, layer=layer)
         for kind in KINDS:
             scores[kind].append(band_stats(qa.maps[kind], qa.box, valid=qa.valid_frac)["band_score"])
+        near.append(1 - qa.stats["outside"])
         if figure is None:
             figure = plot_bands(batch_images[0], qa)
-    return AttentionReport(figure, {kind: torch.stack(v) for kind, v in scores.items()}, variant)
+    stacked = {kind: torch.stack(v) for kind, v in scores.items()}
+    return AttentionReport(figure, stacked, torch.stack(near), variant)
