@@ -1,7 +1,8 @@
-"""Command line: `python -m conddetr train SPEC [key=value ...]` and `python -m conddetr first-step SPEC --out F ...`.
+"""Command line: `python -m conddetr train SPEC [key=value ...]`, `first-step SPEC --out F ...`, `predict CKPT IN...`.
 
 `train` runs (or resumes) the experiment in its run folder; `first-step` writes the first step's loss and gradients
-(engine.debug_first_step), e.g. under `torchrun --nproc_per_node 2 --standalone -m conddetr first-step ...`.
+(engine.debug_first_step), e.g. under `torchrun --nproc_per_node 2 --standalone -m conddetr first-step ...`;
+`predict` draws a checkpoint's detections on images (conddetr/predict/cli.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     first.add_argument("spec")
     first.add_argument("--out", required=True, help="output file (torch.save of plain data)")
     first.add_argument("overrides", nargs="*")
+    from conddetr.predict import cli as predict_cli
+
+    predict_cli.add_arguments(sub.add_parser("predict", help=predict_cli.HELP, description=predict_cli.HELP))
     # Overrides may come before or after --out; argparse leaves the later ones unparsed.
     args, extra = parser.parse_known_args(argv)
+    if args.command == "predict":
+        if extra:
+            parser.error(f"predict: unrecognised arguments {extra}")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return predict_cli.run(args)
     unknown = [a for a in extra if "=" not in a]
     if unknown:
         parser.error(f"unrecognised arguments {unknown} (overrides are key=value)")
