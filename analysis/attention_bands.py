@@ -26,15 +26,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 import conddetr
 from conddetr.analysis import bands
-from conddetr.config import config_from_dict, load_config
-from conddetr.data import build_datasets, collate
-from conddetr.engine.setup import model_kwargs_from_config
-from conddetr.models import build_model
-from conddetr.models.published import load_checkpoint_file, load_published_state_dict, model_kwargs_from_args
+from conddetr.data import collate
 
 # %% tags=["parameters"]
 checkpoint = "runs/demo_synthetic/checkpoint.pth"  # a run's checkpoint (or a released one); random init if absent
@@ -45,6 +39,8 @@ image_index = 0  # which synthetic val image
 layer = -1  # decoder layer (negative counts from the last)
 query = None  # None: the highest-scoring query
 seed = 0  # initialisation seed of the random model
+compare_checkpoint = "runs/demo_synthetic_detr/checkpoint.pth"  # scored the same way (None: skip)
+summary_images = 16  # val images whose most confident query is scored
 
 # %%
 # Relative paths (here and inside the configs: run folders, the synthetic data cache) mean the same as for
@@ -52,40 +48,24 @@ seed = 0  # initialisation seed of the random model
 os.chdir(Path(conddetr.__file__).resolve().parents[1])
 out = Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
-cfg = load_config(spec, list(overrides))
-ckpt_path = Path(checkpoint)
-if ckpt_path.is_file():
-    ckpt = load_checkpoint_file(ckpt_path)  # weights_only: plain data (argparse.Namespace allowed)
-    if "model_kwargs" in ckpt:  # a conddetr run: its own model and synthetic data
-        kwargs = dict(ckpt["model_kwargs"])
-        cfg = config_from_dict(ckpt["config"], list(overrides), source=f"{ckpt_path} 'config'")
-    elif "args" in ckpt:  # a released checkpoint: model from its args, image from `spec`'s data
-        kwargs = model_kwargs_from_args(ckpt["args"])
-    else:
-        raise KeyError(f"{ckpt_path}: neither 'model_kwargs' (a conddetr run) nor 'args' (a released checkpoint)")
-    _, val_ds, info = build_datasets(cfg.data)
-    model = build_model(**kwargs)
-    load_published_state_dict(model, ckpt)
-    print(f"loaded {ckpt_path} ({ckpt['epoch'] + 1 if 'epoch' in ckpt else '?'} epochs trained)")
-else:
+model, val_ds, variant, description = bands.load_model_and_val_data(checkpoint, spec, overrides, seed)
+if description == "randomly initialised":
     print(
-        f"WARNING: no checkpoint at {ckpt_path}; using a randomly initialised model. Its attention maps show the "
+        f"WARNING: no checkpoint at {checkpoint}; using a randomly initialised model. Its attention maps show the "
         "mechanics only: the bands appear after training (e.g. `make demo`, then rerun this notebook)."
     )
-    _, val_ds, info = build_datasets(cfg.data, num_classes=cfg.model.num_classes)
-    torch.manual_seed(seed)
-    num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else info.num_classes
-    kwargs = {"variant": cfg.model.variant, **model_kwargs_from_config(cfg, num_classes)}
-    model = build_model(**kwargs)
+else:
+    print(description)
 
 # %%
 images, mask, targets = collate([val_ds[image_index]])
-qa = bands.query_attention(model, images, mask, kwargs["variant"], layer=layer, query=query)
+qa = bands.query_attention(model, images, mask, variant, layer=layer, query=query)
 print(f"query {qa.query} (score {qa.score:.3f}) at decoder layer {qa.layer}, predicted box (cxcywh) {qa.box.tolist()}")
 for head in range(len(qa.stats["band_score"])):
-    sides = {s: round(float(qa.stats[s][head]), 2) for s in bands.SIDES}
-    score, flat = qa.stats["band_score"][head], qa.stats["band_area"][head]
-    print(f"head {head}: band score {score:.2f} (a flat map: {flat:.2f}), edge mass {sides}")
+    contrast = {s: round(float(qa.stats[f"contrast_{s}"][head]), 2) for s in bands.SIDES}
+    side = max(contrast, key=contrast.get)
+    print(f"head {head}: band score {qa.stats['band_score'][head]:.2f} on the {side} side (a flat map: 1.00), "
+          f"per side {contrast}")  # fmt: skip
 
 # %%
 fig = bands.plot_bands(images[0], qa)
@@ -95,3 +75,17 @@ if "ipykernel" in sys.modules:  # inline in Jupyter; plain `python` only writes 
 
     display(Image(filename=out / "attention_bands.png"))
 print("figure written to", out / "attention_bands.png")
+
+# %% [markdown]
+# ## Band scores over many images, against a flat map and against another model
+# One image can mislead: the score of every head for the most confident query of the first `summary_images` val
+# images, summarised by its median. A flat map scores 1.00; `compare_checkpoint` (e.g. the DETR run) is scored the
+# same way, so the two models' spatial attention can be compared head for head.
+
+# %%
+for name, path in (("this model", checkpoint), ("compared model", compare_checkpoint)):
+    if path is None or not Path(path).is_file():
+        print(f"{name}: no checkpoint at {path}, skipped")
+        continue
+    report = bands.attention_report(path, images=summary_images, layer=layer, spec=spec, overrides=overrides)
+    print(f"{name} ({report.variant}, {path}): {report.summary}")

@@ -71,6 +71,8 @@ class SyntheticConfig:
     num_val: int = 64
     max_objects: int = 10  # objects per image drawn uniformly in 1..max_objects (difficulty knob)
     min_object_size: int = 14  # smallest object side in pixels; 32 drops COCO's small bucket (difficulty knob)
+    class_colours: bool = False  # each shape its own colour: easy classification, localisation stays (difficulty knob)
+    min_visible: float = 0.5  # share of an object later ones must leave visible; 1.0 = no overlap (difficulty knob)
 
 
 @dataclass
@@ -145,6 +147,26 @@ class LaunchConfig:
 
 
 @dataclass
+class PretrainConfig:
+    # Not published: a synthetic stand-in for the published ImageNet weights (conddetr/pretrain.py). With `enabled`,
+    # the backbone starts from the cached file of these settings (and model.backbone / backbone_stage), made by
+    # `python -m conddetr pretrain-backbone SPEC` or on first use; detection then keeps the published frozen BN.
+    enabled: bool = False
+    cache_dir: str = ".cache/backbones"  # one file per settings, reused by every run that asks for them
+    seed: int = 0  # images come from their own synthetic stream: never one of the detection splits
+    image_size: int = 128
+    num_images: int = 4000  # rendered once into memory, sampled with flips and rescaling
+    max_objects: int = 6
+    min_object_size: int = 16
+    class_colours: bool = False  # as data.synthetic.class_colours: pretrain on the kind of images detection sees
+    min_visible: float = 0.5  # as data.synthetic.min_visible
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 2e-3  # AdamW, linear warm-up then cosine decay
+    extent_loss_coef: float = 1.0  # weight of the box-extent regression beside the dense shape labels
+
+
+@dataclass
 class Config:
     name: str = "conddetr_r50"  # experiment name: W&B group, default run folder name
     output_dir: str = "runs"  # run folders live in output_dir/<name> unless run_dir is set
@@ -159,6 +181,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 # Allowed values of the string "enum" fields (kept as str so published argparse names map one to one).
@@ -208,6 +231,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "data.synthetic.image_size": (lambda v: v >= 16, ">= 16 pixels"),
     "data.synthetic.num_train": (_positive, ">= 1"),
     "data.synthetic.num_val": (_positive, ">= 1"),
+    "data.synthetic.min_visible": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "pretrain.min_visible": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "data.train_scales": (_scales, "a non-empty list of sizes >= 1"),
     "data.crop_resize_scales": (_scales, "a non-empty list of sizes >= 1"),
     "data.crop_min_size": (_positive, ">= 1"),
@@ -228,6 +253,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     **{f"launch.{k}": (_positive, ">= 1") for k in ("nodes", "cpus_per_task", "mem_gb", "timeout_min")},
     "launch.gpus_per_node": (_non_negative, ">= 0"),
     "launch.array_parallelism": (_positive, ">= 1"),
+    **{f"pretrain.{k}": (_positive, ">= 1") for k in ("num_images", "max_objects", "min_object_size", "steps")},
+    "pretrain.image_size": (lambda v: v >= 32, ">= 32 pixels"),
+    "pretrain.batch_size": (_positive, ">= 1"),
+    "pretrain.lr": (lambda v: v > 0, "> 0"),
+    "pretrain.extent_loss_coef": (_non_negative, ">= 0"),
 }
 
 _Source = tuple[str, dict]  # (name used in messages, plain nested dict)
@@ -440,6 +470,11 @@ def _validate(cfg: DictConfig, provenance: dict[str, str]) -> None:
         raise ConfigError(
             f"model.dilation=true ({where('model.dilation')}) dilates layer4, but model.backbone_stage="
             f"{m.backbone_stage} ({where('model.backbone_stage')}) stops the backbone before it"
+        )
+    if cfg.pretrain.enabled and m.pretrained_backbone:
+        raise ConfigError(
+            f"pretrain.enabled=true ({where('pretrain.enabled')}) and model.pretrained_backbone="
+            f"{m.pretrained_backbone!r} ({where('model.pretrained_backbone')}) both set the backbone weights: set one"
         )
     if m.hidden_dim % m.nheads:
         raise ConfigError(

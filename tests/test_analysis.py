@@ -174,12 +174,52 @@ def test_band_stats_on_known_masses():
         "centre": [0.3, 0.0],
         "outside": [0.1, 0.0],
         "extremity": [0.6, 1.0],
-        "band_score": [2 / 3, 1.0],
+        "edge_share": [2 / 3, 1.0],
         # 16 centre cells (rows/cols 6..9); the ring is 4 bands of 4 x 12 cells minus 4 doubly counted 4 x 4 corners.
-        "band_area": [128 / 144, 128 / 144],
+        "edge_share_flat": [128 / 144, 128 / 144],
     }
     for key, value in expected.items():
         torch.testing.assert_close(stats[key], torch.tensor(value), msg=key)
+
+
+def _band_maps(h: int = 16, w: int = 16) -> torch.Tensor:
+    """Hand-made maps around the box x, y in [0.25, 0.75] of a 16 x 16 grid (cells 4..11)."""
+    maps = torch.full((5, h, w), 1.0)  # 0: flat
+    maps[1] = 0.05
+    maps[1, 4:12, 3:5] = 1.0  # 1: a band straddling the left side (cells 3 and 4)
+    maps[2] = 0.05
+    maps[2, 10:13, 4:12] = 1.0  # 2: a band on the bottom side
+    maps[3] = 0.05
+    maps[3, 7:9, 7:9] = 1.0  # 3: a blob at the centre
+    maps[4] = torch.rand(h, w, generator=torch.Generator().manual_seed(0))  # 4: noise without structure
+    return maps
+
+
+def test_band_score_tells_a_banded_map_from_a_flat_one():
+    box = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    stats = bands.band_stats(_band_maps(), box)
+    # A flat map scores exactly 1 on every side, whatever the grid and the box.
+    for side in bands.SIDES:
+        torch.testing.assert_close(stats[f"contrast_{side}"][0], torch.tensor(1.0))
+    score = stats["band_score"]
+    assert score[1] > 2.5 and score[2] > 2.5, score  # bands: far above flat...
+    assert float(stats["contrast_left"][1]) == float(score[1])  # ...on the side they hug
+    assert float(stats["contrast_bottom"][2]) == float(score[2])
+    assert float(stats["contrast_right"][1]) < 0.5 and float(stats["contrast_top"][2]) < 0.5
+    assert score[3] < 0.7  # a centre blob lies on no side: below flat
+    assert 0.8 < score[4] < 1.5  # unstructured noise stays near flat
+    # The old share-of-mass measure cannot tell the flat map from a band: that is why it is not the score.
+    assert stats["edge_share"][0] > 0.85 and stats["edge_share"][1] > 0.85
+
+
+def test_edge_contrast_respects_the_unpadded_fraction():
+    # The lower half of the grid is padding: the box (normalised to the real image) covers rows 2..5, not 4..11.
+    maps = torch.full((1, 16, 16), 0.05)
+    maps[0, 5:7, 4:12] = 1.0  # on the bottom side of the box in the unpadded image
+    box = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    padded = bands.edge_contrast(maps, box, valid=(0.5, 1.0))
+    assert max(padded, key=lambda s: float(padded[s])) == "bottom"
+    assert float(padded["bottom"]) > 2
 
 
 def test_band_stats_uses_unpadded_fraction():

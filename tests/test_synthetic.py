@@ -10,7 +10,7 @@ from PIL import Image
 
 from conddetr.data import synthetic
 from conddetr.data.coco import CocoDetection, read_annotation_file
-from conddetr.data.synthetic import CATEGORY_IDS, ensure_synthetic_dataset, synthetic_paths
+from conddetr.data.synthetic import CATEGORY_IDS, Difficulty, ensure_synthetic_dataset, synthetic_paths
 
 PARAMS = {"seed": 5, "image_size": 128, "num_train": 40, "num_val": 8}
 
@@ -107,22 +107,55 @@ def test_worker_processes_give_identical_output(tmp_path):
 
 def test_difficulty_knobs_bound_object_count_and_size():
     for seed in range(20):
-        _, objects = synthetic.render_image(np.random.default_rng(seed), 96, max_objects=1, min_side=60)
+        _, objects = synthetic.render_image(
+            np.random.default_rng(seed), 96, Difficulty(max_objects=1, min_object_size=60)
+        )
         assert len(objects) == 1
         ((_, (_, _, w, h)),) = objects
         # A triangle's visible extent spans at least 3/4 of its bounding square (a circle's radius 1.5 times).
         assert max(w, h) >= 0.75 * 60
     default = synthetic.render_image(np.random.default_rng(3), 96)
-    explicit = synthetic.render_image(np.random.default_rng(3), 96, max_objects=10, min_side=14)
+    explicit = synthetic.render_image(np.random.default_rng(3), 96, Difficulty(10, 14, False, 0.5))
     np.testing.assert_array_equal(default[0], explicit[0])
     assert default[1] == explicit[1]
 
 
+def _overlap(a, b) -> float:
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a, b
+    return max(0.0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0.0, min(ay + ah, by + bh) - max(ay, by))
+
+
+def test_class_colours_and_min_visible_knobs():
+    palette = synthetic.COLOURS
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        pixels, objects, owner = synthetic.render_scene(rng, 96, Difficulty(6, 16, class_colours=True, min_visible=1.0))
+        for k, (shape, _) in enumerate(objects):
+            # Each shape wears its own palette colour (plus jitter and noise): the mean is near it.
+            mean = pixels[owner == k].reshape(-1, 3).mean(0)
+            assert np.abs(mean - palette[shape]).max() < 35, (seed, k, mean, palette[shape])
+
+    # Crowded scenes: forbidding any occlusion rejects more placements than allowing half, so fewer objects fit.
+    def count(min_visible: float) -> int:
+        rng = np.random.default_rng(0)
+        return sum(
+            len(synthetic.render_image(rng, 96, Difficulty(10, 30, min_visible=min_visible))[1]) for _ in range(10)
+        )
+
+    assert count(1.0) < count(0.5)
+    with pytest.raises(ValueError, match="min_visible must be in"):
+        Difficulty(min_visible=1.5).check(96)
+
+
 def test_difficulty_knobs_change_the_cache_key_and_are_checked(tmp_path):
     base = {k: PARAMS[k] for k in ("seed", "image_size", "num_train", "num_val")}
-    assert synthetic.synthetic_root(tmp_path, **base) != synthetic.synthetic_root(tmp_path, **base, max_objects=2)
-    assert synthetic.synthetic_root(tmp_path, **base) != synthetic.synthetic_root(tmp_path, **base, min_object_size=32)
+    default = synthetic.synthetic_root(tmp_path, **base)
+    assert default == synthetic.synthetic_root(tmp_path, **base, difficulty=Difficulty())
+    changed = [Difficulty(max_objects=2), Difficulty(min_object_size=32), Difficulty(class_colours=True),
+               Difficulty(min_visible=1.0)]  # fmt: skip
+    roots = {synthetic.synthetic_root(tmp_path, **base, difficulty=d) for d in changed}
+    assert len(roots) == len(changed) and default not in roots
     with pytest.raises(ValueError, match="max_objects must be at least 1"):
-        ensure_synthetic_dataset(tmp_path, **base, max_objects=0)
+        ensure_synthetic_dataset(tmp_path, **base, difficulty=Difficulty(max_objects=0))
     with pytest.raises(ValueError, match="min_object_size must be in"):
-        ensure_synthetic_dataset(tmp_path, **base, min_object_size=200)
+        ensure_synthetic_dataset(tmp_path, **base, difficulty=Difficulty(min_object_size=200))

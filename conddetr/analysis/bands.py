@@ -84,15 +84,53 @@ def region_masks(box: torch.Tensor, h: int, w: int, margin: float = 0.25, valid=
     return regions
 
 
-def band_stats(
-    maps: torch.Tensor, box: torch.Tensor, margin: float = 0.25, valid=(1.0, 1.0)
+def edge_contrast(
+    maps: torch.Tensor, box: torch.Tensor, strip: float = 0.1, valid=(1.0, 1.0), upsample: int = 8
 ) -> dict[str, torch.Tensor]:
-    """Fractions of attention mass per region for maps [..., h, w] (one box); each value has shape [...].
+    """Per box side: attention density in a thin strip along that side over the density in the whole box; [...] each.
 
-    Keys: the four sides, "extremity" (their sum), "centre", "outside", and "band_score" = extremity / (extremity +
-    centre): 1 when all mass near the box sits on its edges (the paper's bands). "band_area" is what a flat map
-    scores (band cells / (band + centre cells)): compare against it, since bands straddle the edges and on a coarse
-    grid cover almost the whole box.
+    maps [..., h, w] are upsampled bilinearly (`upsample` x) so strips need not follow cell edges. A strip is centred on
+    the side, spans the side's length, and is `strip` x the box size wide on each side of it (at least half a
+    feature cell, so a coarse map still has cells in it); the box region is grown by the same half-width. A flat map
+    scores exactly 1 on every side, a band hugging one side scores far above 1 there, a blob at the centre below 1.
+    """
+    h, w = maps.shape[-2:]
+    lead = maps.shape[:-2]
+    fine = F.interpolate(maps.reshape(-1, 1, h, w).float(), scale_factor=upsample, mode="bilinear", align_corners=False)
+    fine = fine.reshape(*lead, h * upsample, w * upsample)  # [..., H, W]
+    fh, fw = float(valid[0]), float(valid[1])
+    cx, cy, bw, bh = (float(v) for v in box)
+    x0, x1, y0, y1 = (cx - bw / 2) * fw, (cx + bw / 2) * fw, (cy - bh / 2) * fh, (cy + bh / 2) * fh
+    mx, my = max(strip * bw * fw, 0.5 / w), max(strip * bh * fh, 0.5 / h)  # strip half-widths, grid-normalised
+    big_h, big_w = fine.shape[-2:]
+    v = ((torch.arange(big_h) + 0.5) / big_h)[:, None].expand(big_h, big_w)  # [H, W]
+    u = ((torch.arange(big_w) + 0.5) / big_w)[None, :].expand(big_h, big_w)
+    rows = (v >= y0 - my) & (v <= y1 + my)
+    cols = (u >= x0 - mx) & (u <= x1 + mx)
+    strips = {
+        "left": rows & ((u - x0).abs() <= mx),
+        "right": rows & ((u - x1).abs() <= mx),
+        "top": cols & ((v - y0).abs() <= my),
+        "bottom": cols & ((v - y1).abs() <= my),
+    }
+
+    def density(region: torch.Tensor) -> torch.Tensor:
+        return (fine * region).sum((-2, -1)) / region.sum().clamp_min(1)
+
+    tiny = torch.finfo(torch.float32).tiny
+    inside = density(rows & cols).clamp_min(tiny)
+    return {side: density(region) / inside for side, region in strips.items()}
+
+
+def band_stats(
+    maps: torch.Tensor, box: torch.Tensor, margin: float = 0.25, valid=(1.0, 1.0), strip: float = 0.1
+) -> dict[str, torch.Tensor]:
+    """Where the attention of maps [..., h, w] lies relative to one box; each value has shape [...].
+
+    "band_score" is the largest `edge_contrast` over the four sides (a flat map scores 1; the paper's bands score
+    well above it) and "contrast_<side>" the contrast of each side. Mass fractions per region (`region_masks`): the
+    four sides, "extremity" (their sum), "centre", "outside"; "edge_share" = extremity / (extremity + centre) and
+    "edge_share_flat", what a flat map has of it (close to 1 on coarse grids, which is why it is not the score).
     """
     h, w = maps.shape[-2:]
     tiny = torch.finfo(maps.dtype).tiny
@@ -100,10 +138,13 @@ def band_stats(
     regions = region_masks(box, h, w, margin, valid)
     stats = {name: (maps * region.to(maps.dtype)).sum((-2, -1)) / total for name, region in regions.items()}
     stats["extremity"] = sum(stats[s] for s in SIDES)
-    stats["band_score"] = stats["extremity"] / (stats["extremity"] + stats["centre"]).clamp_min(tiny)
+    stats["edge_share"] = stats["extremity"] / (stats["extremity"] + stats["centre"]).clamp_min(tiny)
     band_cells = sum(int(regions[s].sum()) for s in SIDES)
     flat = band_cells / max(band_cells + int(regions["centre"].sum()), 1)
-    stats["band_area"] = torch.full_like(stats["band_score"], flat)
+    stats["edge_share_flat"] = torch.full_like(stats["edge_share"], flat)
+    contrast = edge_contrast(maps, box, strip, valid)
+    stats.update({f"contrast_{side}": value.to(maps.dtype) for side, value in contrast.items()})
+    stats["band_score"] = torch.stack([contrast[s] for s in SIDES]).amax(0).to(maps.dtype)
     return stats
 
 
@@ -175,9 +216,85 @@ def plot_bands(image: torch.Tensor, qa: QueryAttention, heads: list[int] | None 
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                score, flat = qa.stats["band_score"][head], qa.stats["band_area"][head]
-                ax.set_title(f"head {head}\nband {score:.2f} (flat {flat:.2f})", fontsize=8)
+                contrast = {s: float(qa.stats[f"contrast_{s}"][head]) for s in SIDES}
+                side = max(contrast, key=contrast.get)
+                ax.set_title(f"head {head}\nband {contrast[side]:.1f} ({side})", fontsize=8)
             if col == 0:
                 ax.set_ylabel(kind)
     fig.suptitle(title or f"decoder layer {qa.layer}, query {qa.query} (score {qa.score:.2f})")
     return fig
+
+
+def load_model_and_val_data(checkpoint, spec=None, overrides=(), seed: int = 0):
+    """(model, val dataset, variant, description) for attention plots.
+
+    `checkpoint`: a conddetr run checkpoint (its own config and synthetic data), a released one (`args` inside; the
+    data come from `spec`), or a missing path: a randomly initialised model of `spec` (the mechanics only).
+    """
+    from pathlib import Path
+
+    from conddetr.config import config_from_dict, load_config
+    from conddetr.data import build_datasets
+    from conddetr.engine.setup import model_kwargs_from_config
+    from conddetr.models import build_model
+    from conddetr.models.published import load_checkpoint_file, load_published_state_dict, model_kwargs_from_args
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        cfg = load_config(spec, list(overrides))
+        _, val_ds, info = build_datasets(cfg.data, num_classes=cfg.model.num_classes)
+        torch.manual_seed(seed)
+        num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else info.num_classes
+        kwargs = {"variant": cfg.model.variant, **model_kwargs_from_config(cfg, num_classes)}
+        return build_model(**kwargs), val_ds, kwargs["variant"], "randomly initialised"
+    ckpt = load_checkpoint_file(path)  # weights_only: plain data (argparse.Namespace allowed)
+    if "model_kwargs" in ckpt:  # a conddetr run: its own model and data
+        kwargs = dict(ckpt["model_kwargs"])
+        cfg = config_from_dict(ckpt["config"], list(overrides), source=f"{path} 'config'")
+    elif "args" in ckpt:  # a released checkpoint: model from its args, images from `spec`'s data
+        kwargs = model_kwargs_from_args(ckpt["args"])
+        cfg = load_config(spec, list(overrides))
+    else:
+        raise KeyError(f"{path}: neither 'model_kwargs' (a conddetr run) nor 'args' (a released checkpoint)")
+    _, val_ds, _ = build_datasets(cfg.data)
+    model = build_model(**kwargs)
+    load_published_state_dict(model, ckpt)
+    epochs = f"{ckpt['epoch'] + 1} epochs trained" if "epoch" in ckpt else "epochs unknown"
+    return model, val_ds, kwargs["variant"], f"loaded {path} ({epochs})"
+
+
+@dataclass
+class AttentionReport:
+    """Figure of one image's most confident query, and band scores of the top query of `images` val images."""
+
+    figure: object  # matplotlib Figure (plot_bands)
+    scores: dict[str, torch.Tensor]  # kind -> [images, heads] band_score of that kind's maps
+    variant: str
+
+    @property
+    def summary(self) -> str:
+        med = {kind: float(v.median()) for kind, v in self.scores.items()}
+        best = self.scores["spatial"].median(0).values  # [heads]
+        return (
+            f"band score (flat map = 1.00), median over {self.scores['spatial'].shape[0]} val images and all heads: "
+            f"spatial {med['spatial']:.2f}, content {med['content']:.2f}, combined {med['combined']:.2f}; "
+            f"per head (spatial) {[round(float(x), 2) for x in best]}"
+        )
+
+
+def attention_report(checkpoint, images: int = 16, layer: int = -1, spec=None, overrides=()) -> AttentionReport:
+    """Band scores of every head for the most confident query of the first `images` val images, and the Figure 1
+    plot of the first one (the demo and the notebook print / save these)."""
+    from conddetr.data import collate
+
+    model, val_ds, variant, _ = load_model_and_val_data(checkpoint, spec, overrides)
+    scores: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}
+    figure = None
+    for index in range(min(images, len(val_ds))):
+        batch_images, mask, _ = collate([val_ds[index]])
+        qa = query_attention(model, batch_images, mask, variant, layer=layer)
+        for kind in KINDS:
+            scores[kind].append(band_stats(qa.maps[kind], qa.box, valid=qa.valid_frac)["band_score"])
+        if figure is None:
+            figure = plot_bands(batch_images[0], qa)
+    return AttentionReport(figure, {kind: torch.stack(v) for kind, v in scores.items()}, variant)

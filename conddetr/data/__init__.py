@@ -17,7 +17,7 @@ from conddetr.data.coco import (
     category_to_label,
     read_annotation_file,
 )
-from conddetr.data.synthetic import ensure_synthetic_dataset, synthetic_paths
+from conddetr.data.synthetic import Difficulty, ensure_synthetic_dataset, synthetic_paths
 from conddetr.data.transforms import build_train_transforms, build_val_transforms
 
 __all__ = [
@@ -93,8 +93,7 @@ def build_datasets(data_cfg: Any, num_classes: int | None = None) -> tuple[CocoD
                 image_size=syn.image_size,
                 num_train=syn.num_train,
                 num_val=syn.num_val,
-                max_objects=syn.max_objects,
-                min_object_size=syn.min_object_size,
+                difficulty=Difficulty(syn.max_objects, syn.min_object_size, syn.class_colours, syn.min_visible),
             )
             (train_images, train_file), (val_images, val_file) = (
                 synthetic_paths(root, "train"),

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,43 @@ COLOURS = np.array(
 )
 # COCO area buckets are absolute (32^2, 96^2 pixels): box sides drawn per bucket. Large needs images >= ~101 px.
 SIZE_BUCKETS = ((0.2, 14, 31), (0.6, 32, 95), (0.2, 96, None))  # (probability, min side, max side or None = image)
-MIN_VISIBLE = 0.5  # an object may lose at most half of its pixels to later (occluding) objects
+MIN_VISIBLE = 0.5  # default: an object may lose at most half of its pixels to later (occluding) objects
 MAX_OBJECTS = 10  # default upper bound of objects per image
 MIN_SIDE = SIZE_BUCKETS[0][1]  # default smallest object side: the small bucket's lower end
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The scene knobs; the defaults are COCO-like (10 objects of every size, occlusion, random colours)."""
+
+    max_objects: int = MAX_OBJECTS  # objects per image drawn uniformly in 1..max_objects
+    min_object_size: int = MIN_SIDE  # smallest bounding-square side, pixels
+    class_colours: bool = False  # each shape its own colour: classification easy, localisation stays the task
+    min_visible: float = MIN_VISIBLE  # share of an object later ones must leave visible; 1.0: no overlap at all
+
+    def check(self, image_size: int) -> None:
+        if self.max_objects < 1:
+            raise ValueError(f"data.synthetic.max_objects must be at least 1, got {self.max_objects}")
+        if not 1 <= self.min_object_size <= int(image_size * 0.95):
+            raise ValueError(
+                f"data.synthetic.min_object_size must be in [1, {int(image_size * 0.95)}] for {image_size}-px "
+                f"images, got {self.min_object_size}"
+            )
+        if not 0 <= self.min_visible <= 1:
+            raise ValueError(f"data.synthetic.min_visible must be in [0, 1], got {self.min_visible}")
+
+    def cache_suffix(self) -> str:
+        """Only changed knobs enter cache keys, so default datasets keep their folders."""
+        suffix = ""
+        if self.max_objects != MAX_OBJECTS:
+            suffix += f"_max{self.max_objects}obj"
+        if self.min_object_size != MIN_SIDE:
+            suffix += f"_min{self.min_object_size}px"
+        if self.class_colours:
+            suffix += "_classcolours"
+        if self.min_visible != MIN_VISIBLE:
+            suffix += f"_visible{self.min_visible:g}"
+        return suffix
 
 
 def _polygon(rng: np.random.Generator, shape: str, x0: float, y0: float, s: float) -> list[tuple[float, float]]:
@@ -100,36 +135,55 @@ def _draw_side(rng: np.random.Generator, size: int, min_side: int) -> int:
     return int(rng.integers(lo, hi + 1))
 
 
+def _touching(owner: np.ndarray, x0: int, y0: int, s: int) -> list[int]:
+    """Indices of the objects within 2 pixels of the bounding square (x0, y0, s)."""
+    near = owner[max(y0 - 2, 0) : y0 + s + 2, max(x0 - 2, 0) : x0 + s + 2]
+    return np.unique(near[near >= 0]).tolist()
+
+
 def render_image(
-    rng: np.random.Generator, size: int, max_objects: int = MAX_OBJECTS, min_side: int = MIN_SIDE
+    rng: np.random.Generator, size: int, difficulty: Difficulty = Difficulty()
 ) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     """One image (uint8 `[size, size, 3]`) and its objects as (shape index, visible-extent xywh box).
 
-    1..`max_objects` objects whose bounding squares have sides >= `min_side` pixels (the difficulty knobs).
+    With `difficulty.class_colours`, touching objects of one shape are never placed (they would merge into one blob).
     """
+    image, objects, _ = render_scene(rng, size, difficulty)
+    return image, objects
+
+
+def render_scene(
+    rng: np.random.Generator, size: int, difficulty: Difficulty = Difficulty()
+) -> tuple[np.ndarray, list[tuple[int, list[float]]], np.ndarray]:
+    """`render_image` plus the owner map: int16 `[size, size]`, the index of the object each pixel shows, -1 for
+    background (dense labels for backbone pretraining)."""
+    d = difficulty
     image = _background(rng, size)
     owner = np.full((size, size), -1, dtype=np.int16)  # which object each pixel shows (later objects on top)
     full_area: list[int] = []
     shapes: list[int] = []
     squares: list[tuple[int, int, int]] = []  # (x0, y0, side) of each placed object
     colours: list[int] = []  # palette index of each placed object
-    for _ in range(int(rng.integers(1, max_objects + 1))):
+    for _ in range(int(rng.integers(1, d.max_objects + 1))):
         shape = int(rng.integers(len(SHAPES)))
         visible = np.bincount(owner.ravel() + 1, minlength=len(shapes) + 1)[1:]  # pixels each object shows
-        for _attempt in range(20):  # rejection: never hide more than MIN_VISIBLE of an earlier object
-            s = _draw_side(rng, size, min_side)
+        for _attempt in range(20):  # rejection: leave min_visible of every earlier object visible
+            s = _draw_side(rng, size, d.min_object_size)
             x0, y0 = (int(v) for v in rng.integers(0, size - s + 1, 2))
             mask = _shape_mask(rng, SHAPES[shape], size, x0, y0, s)
             covered = np.bincount(owner[mask] + 1, minlength=len(shapes) + 1)[1:]  # pixels taken from each object
-            if np.all(visible - covered >= MIN_VISIBLE * np.array(full_area, dtype=np.int64)):
-                break
+            if np.all(visible - covered >= d.min_visible * np.array(full_area, dtype=np.int64)):
+                if not d.class_colours or shape not in {colours[k] for k in _touching(owner, x0, y0, s)}:
+                    break
         else:
             continue
-        # A colour none of the touching objects has, so overlapping objects never merge into one blob.
-        near = owner[max(y0 - 2, 0) : y0 + s + 2, max(x0 - 2, 0) : x0 + s + 2]
-        taken = {colours[k] for k in np.unique(near[near >= 0]).tolist()}
-        free = [c for c in range(len(COLOURS)) if c not in taken] or list(range(len(COLOURS)))
-        colours.append(free[int(rng.integers(len(free)))])
+        if d.class_colours:
+            colours.append(shape)
+        else:
+            # A colour none of the touching objects has, so overlapping objects never merge into one blob.
+            taken = {colours[k] for k in _touching(owner, x0, y0, s)}
+            free = [c for c in range(len(COLOURS)) if c not in taken] or list(range(len(COLOURS)))
+            colours.append(free[int(rng.integers(len(free)))])
         image[mask] = COLOURS[colours[-1]] + rng.uniform(-20, 20, 3)
         owner[mask] = len(shapes)
         full_area.append(int(mask.sum()))
@@ -144,13 +198,13 @@ def render_image(
         # Visible extent (modal box, as COCO annotates), in pixel-edge coordinates.
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
         objects.append((shape, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]))
-    return np.clip(image, 0, 255).astype(np.uint8), objects
+    return np.clip(image, 0, 255).astype(np.uint8), objects, owner
 
 
-def _write_image(job: tuple[Path, int, int, int, int, int, int]) -> tuple[str, list[tuple[int, list[float]]]]:
-    out_dir, seed, split, index, size, max_objects, min_side = job
+def _write_image(job: tuple) -> tuple[str, list[tuple[int, list[float]]]]:
+    out_dir, seed, split, index, size, difficulty = job
     rng = np.random.default_rng([seed, split, index])  # per-image stream: independent of order and process
-    pixels, objects = render_image(rng, size, max_objects, min_side)
+    pixels, objects = render_image(rng, size, difficulty)
     file_name = f"{index + 1:06d}.jpg"
     Image.fromarray(pixels).save(out_dir / file_name, quality=90)
     return file_name, objects
@@ -164,12 +218,11 @@ def generate_split(
     num_images: int,
     size: int,
     workers: int = 1,
-    max_objects: int = MAX_OBJECTS,
-    min_side: int = MIN_SIDE,
+    difficulty: Difficulty = Difficulty(),
 ) -> None:
     """Write `num_images` JPEGs to `out_dir` and their COCO instances file; the output does not depend on workers."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, seed, split, i, size, max_objects, min_side) for i in range(num_images)]
+    jobs = [(out_dir, seed, split, i, size, difficulty) for i in range(num_images)]
     if workers > 1 and "fork" in mp.get_all_start_methods():
         # fork: the children only run numpy/PIL, and skip re-importing torch that spawn would pay for.
         with mp.get_context("fork").Pool(workers) as pool:
@@ -205,16 +258,10 @@ def synthetic_root(
     image_size: int,
     num_train: int,
     num_val: int,
-    max_objects: int = MAX_OBJECTS,
-    min_object_size: int = MIN_SIDE,
+    difficulty: Difficulty = Difficulty(),
 ) -> Path:
     key = f"v{GENERATOR_VERSION}_seed{seed}_{image_size}px_{num_train}train_{num_val}val"
-    # Difficulty knobs enter the key only when changed, so default datasets keep their cache folders.
-    if max_objects != MAX_OBJECTS:
-        key += f"_max{max_objects}obj"
-    if min_object_size != MIN_SIDE:
-        key += f"_min{min_object_size}px"
-    return Path(cache_dir) / key
+    return Path(cache_dir) / (key + difficulty.cache_suffix())
 
 
 def synthetic_paths(root: Path, split: str) -> tuple[Path, Path]:
@@ -229,21 +276,15 @@ def ensure_synthetic_dataset(
     image_size: int,
     num_train: int,
     num_val: int,
-    max_objects: int = MAX_OBJECTS,
-    min_object_size: int = MIN_SIDE,
+    difficulty: Difficulty = Difficulty(),
 ) -> Path:
     """Root of the generated dataset, generating it first if this parameter set has never been generated."""
     if image_size < 32:
         raise ValueError(f"data.synthetic.image_size must be at least 32 pixels, got {image_size}")
-    if max_objects < 1:
-        raise ValueError(f"data.synthetic.max_objects must be at least 1, got {max_objects}")
-    if not 1 <= min_object_size <= int(image_size * 0.95):
-        raise ValueError(
-            f"data.synthetic.min_object_size must be in [1, {int(image_size * 0.95)}] for {image_size}-px images, "
-            f"got {min_object_size}"
-        )
-    knobs = {"max_objects": max_objects, "min_object_size": min_object_size}
-    root = synthetic_root(cache_dir, seed=seed, image_size=image_size, num_train=num_train, num_val=num_val, **knobs)
+    difficulty.check(image_size)
+    root = synthetic_root(
+        cache_dir, seed=seed, image_size=image_size, num_train=num_train, num_val=num_val, difficulty=difficulty
+    )
     if root.is_dir():  # only ever created by the rename below, so it is complete
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -253,9 +294,7 @@ def ensure_synthetic_dataset(
         for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
             images_dir, annotation_file = synthetic_paths(tmp, split)
             workers = min(os.cpu_count() or 1, 8) if count >= 256 else 1
-            generate_split(
-                images_dir, annotation_file, seed, split_index, count, image_size, workers, max_objects, min_object_size
-            )
+            generate_split(images_dir, annotation_file, seed, split_index, count, image_size, workers, difficulty)
         try:
             os.rename(tmp, root)
         except OSError:

@@ -27,6 +27,29 @@ def model_kwargs_from_config(cfg, num_classes: int) -> dict:
     )  # fmt: skip
 
 
+def pretrain_settings_from_config(cfg):
+    """`pretrain.PretrainSettings` of a config's pretrain section, for its model's backbone and stage."""
+    from conddetr.pretrain import PretrainSettings
+
+    p = cfg.pretrain
+    return PretrainSettings(
+        backbone=cfg.model.backbone, last_stage=cfg.model.backbone_stage, image_size=p.image_size,
+        num_images=p.num_images, max_objects=p.max_objects, min_object_size=p.min_object_size,
+        class_colours=p.class_colours, min_visible=p.min_visible, seed=p.seed,
+        steps=p.steps, batch_size=p.batch_size, lr=p.lr, extent_loss_coef=p.extent_loss_coef,
+    )  # fmt: skip
+
+
+def backbone_weights(cfg) -> str | None:
+    """The local file the backbone starts from: `model.pretrained_backbone`, or the synthetic-pretrained one (made
+    first when missing, see conddetr/pretrain.py) when `pretrain.enabled`."""
+    if not cfg.pretrain.enabled:
+        return cfg.model.pretrained_backbone
+    from conddetr.pretrain import ensure_pretrained_backbone
+
+    return str(ensure_pretrained_backbone(cfg.pretrain.cache_dir, pretrain_settings_from_config(cfg)))
+
+
 @dataclass
 class Components:
     train_ds: object
@@ -61,7 +84,7 @@ def build_components(cfg, env: DistEnv, device: torch.device) -> Components:
         log.info("model.num_classes = %d (from the config)", m.num_classes)
     num_classes = m.num_classes if m.num_classes is not None else info.num_classes
     model_kwargs = model_kwargs_from_config(cfg, num_classes)
-    model = build_model(m.variant, pretrained_backbone=m.pretrained_backbone, **model_kwargs).to(device)
+    model = build_model(m.variant, pretrained_backbone=backbone_weights(cfg), **model_kwargs).to(device)
     loss = cfg.loss
     criterion = build_criterion(
         m.variant, num_classes=num_classes, set_cost_class=loss.set_cost_class, set_cost_bbox=loss.set_cost_bbox,
