@@ -90,6 +90,7 @@ class DataConfig:
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_min_size: int = 384
     crop_max_size: int = 600
+    random_crop: bool = True  # the published resize-crop branch; false (not published) only flips and resizes
     max_size: int = 1333  # long-side cap, pixels
     val_scale: int = 800  # validation short side
     batch_size: int = 2  # images per process (per GPU); total = batch_size * world_size * accum_steps

@@ -117,6 +117,7 @@ def build_datasets(data_cfg: Any, num_classes: int | None = None) -> tuple[CocoD
         data_cfg.crop_min_size,
         data_cfg.crop_max_size,
         data_cfg.max_size,
+        data_cfg.random_crop,
     )
     val_tf = build_val_transforms(data_cfg.val_scale, data_cfg.max_size)
     train_ds = CocoDetection(train_images, train_file, cat_to_label, train_tf, annotations=train_data)

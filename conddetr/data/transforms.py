@@ -80,9 +80,15 @@ def build_train_transforms(
     crop_min_size: int,
     crop_max_size: int,
     max_size: int,
+    random_crop: bool = True,
 ) -> v2.Compose:
-    """Flip 0.5; then 50/50 multi-scale resize, or resize -> random size crop -> multi-scale resize; normalise."""
+    """Flip 0.5; then 50/50 multi-scale resize, or resize -> random size crop -> multi-scale resize; normalise.
+
+    `random_crop=False` (not published) leaves the crop branch out: every image is only flipped and resized.
+    """
     scales = list(train_scales)
+    if not random_crop:
+        return v2.Compose([v2.RandomHorizontalFlip(0.5), v2.RandomShortestSize(scales, max_size=max_size), *_finish()])
     resize_crop_resize = v2.Compose(
         [
             v2.RandomShortestSize(list(crop_resize_scales)),
