@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench slurm-up slurm-down clean
+.PHONY: install demo docs-example test lint format bench slurm-up slurm-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python launch.py experiments/demo_synthetic.yaml --cluster local
+
+# docs/predictions_example.png from the demo run (run `make demo` first): `predict` on its synthetic val images.
+docs-example: $(STAMP)
+	PY=$(BIN)/python bash scripts/docs_example.sh runs/demo_synthetic
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

@@ -42,11 +42,17 @@ fallback_overrides = []  # extra key=value overrides for both fallback runs (e.g
 # The DETR fallback changes what demo_synthetic_detr.yaml changes: the variant and DETR's class loss / matcher weights.
 detr_overrides = ["model.variant=detr", "loss.set_cost_class=1", "loss.cls_loss_coef=1", "loss.eos_coef=0.1"]
 study_dir = None  # a sweep's output folder (e.g. "runs/convergence_study"): the same comparison over its seeds
+wandb_mode = None  # "offline" | "online": also log the figures and speed-up table to a W&B report run
+wandb_project = None  # None: the compared runs' W&B project when they share one, else "conddetr"
+wandb_group = None  # None: the compared runs' W&B group when they share one (e.g. a sweep's runs)
 
 # %%
 # Relative paths (here and inside the configs: run folders, the synthetic data cache) mean the same as for
 # launch.py run from the repository root, wherever this notebook is executed from.
 os.chdir(Path(conddetr.__file__).resolve().parents[1])
+if "ipykernel" not in sys.modules and "--wandb" in sys.argv:  # as a script: --wandb [online|offline]
+    after = sys.argv[sys.argv.index("--wandb") + 1 :]
+    wandb_mode = after[0] if after and after[0] in ("online", "offline") else "online"
 out = Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
 folders = {name: Path(path) for name, path in run_dirs.items()}
@@ -132,3 +138,23 @@ if study_dir is not None:
         for seed, speedup in per_seed.items():
             print(f"seed {seed}: " + speedup.describe("DETR", "Conditional DETR"))
     save(seeds.plot_seed_curves(groups, metric=metric), f"convergence_seeds_{metric}.png")
+
+
+# %% [markdown]
+# ## W&B report (optional)
+# With `wandb_mode` set (`--wandb` as a script), the figures and the speed-up table go to one W&B run, tagged
+# "report", in the group the compared runs share, so the comparison sits next to their curves.
+
+# %%
+if wandb_mode:
+    from conddetr.analysis import report
+
+    shared = report.shared_tracking(folders.values())
+    names = [f"convergence_{metric}.png", "train_loss.png", "published_ap.png"]
+    names += [f"convergence_seeds_{metric}.png"] if study_dir is not None else []
+    figures = {f"convergence/{name.removesuffix('.png')}": out / name for name in names}
+    tables = {"convergence/speedups": report.speedup_table(speedups, baseline)}
+    project, group = wandb_project or shared["project"], wandb_group or shared["group"]
+    run_id = report.log_report(out / "wandb_report", figures, tables, mode=wandb_mode, project=project, group=group)
+    where = f"{wandb_mode}, project {project or 'conddetr'}, group {group}"
+    print(f"W&B report run {run_id} ({where}) written under {out / 'wandb_report'}")

@@ -1,9 +1,10 @@
-"""Command line: `python -m conddetr {train,first-step,pretrain-backbone} SPEC [key=value ...]`, `... demo [...]`.
+"""Command line: `python -m conddetr {train,first-step,pretrain-backbone} SPEC [key=value ...]`, `... demo [...]`,
+`... predict CHECKPOINT INPUT... [options]`.
 
 `train` runs (or resumes) the experiment in its run folder; `first-step` writes the first step's loss and gradients
 (engine.debug_first_step), e.g. under `torchrun --nproc_per_node 2 --standalone -m conddetr first-step ...`;
 `pretrain-backbone` makes the spec's synthetic-pretrained backbone file (its `pretrain` section) unless cached;
-`demo` is `make demo` (conddetr/demo.py).
+`demo` is `make demo` (conddetr/demo.py); `predict` draws a checkpoint's detections on images (conddetr/predict/cli.py).
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("spec")
     pre.add_argument("--force", action="store_true", help="pretrain again even when the file is cached")
     pre.add_argument("overrides", nargs="*")
+    from conddetr.predict import cli as predict_cli
+
+    predict_cli.add_arguments(sub.add_parser("predict", help=predict_cli.HELP, description=predict_cli.HELP))
     # Overrides may come before or after --out; argparse leaves the later ones unparsed.
     args, extra = parser.parse_known_args(argv)
+    if args.command == "predict":
+        if extra:
+            parser.error(f"predict: unrecognised arguments {extra}")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return predict_cli.run(args)
     unknown = [a for a in extra if "=" not in a]
     if unknown:
         parser.error(f"unrecognised arguments {unknown} (overrides are key=value)")

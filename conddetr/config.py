@@ -127,6 +127,8 @@ class TrackingConfig:
     group: str | None = None  # defaults to the experiment name
     tags: list[str] = field(default_factory=list)
     log_every_steps: int = 10
+    # Not published: val images drawn to W&B with predicted and true boxes at each evaluation (0: none).
+    log_images: int = 8
 
 
 @dataclass
@@ -241,6 +243,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "optim.accum_steps": (_positive, ">= 1"),
     "eval.every_epochs": (_positive, ">= 1"),
     "tracking.log_every_steps": (_positive, ">= 1"),
+    "tracking.log_images": (_non_negative, ">= 0 (0: no images)"),
     "checkpoint_every_epochs": (_non_negative, ">= 0 (0: only the rolling latest checkpoint)"),
     "checkpoint_every_steps": (_non_negative, ">= 0 (0: checkpoints only at epoch ends and on a stop signal)"),
     **{f"launch.{k}": (_positive, ">= 1") for k in ("nodes", "cpus_per_task", "mem_gb", "timeout_min")},

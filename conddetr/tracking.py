@@ -10,7 +10,6 @@ import math
 import os
 import secrets
 import struct
-import tempfile
 import time
 import warnings
 import zlib
@@ -18,12 +17,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-METRICS_NAME = "metrics.jsonl"  # one JSON object per line: {"step", "epoch", **metrics}
+from conddetr.metrics_file import (  # re-exported: the metrics file is part of tracking's interface
+    METRICS_NAME,
+    TrackingWarning,
+    _drop_partial_tail,
+    read_metrics,
+    truncate_metrics_after,
+)
+
+__all__ = ["METRICS_NAME", "MODES", "Tracker", "TrackingWarning", "read_metrics", "read_wandb_history",
+           "truncate_metrics_after"]  # fmt: skip
 MODES = ("online", "offline", "disabled")
-
-
-class TrackingWarning(UserWarning):
-    """W&B failed or a metrics file was damaged; training goes on."""
 
 
 class Tracker:
@@ -114,6 +118,37 @@ class Tracker:
                     self._safe_log(row)
             else:
                 self.mode = "disabled"
+
+    @property
+    def logs_media(self) -> bool:
+        """Whether a W&B run is active, i.e. whether media are worth computing (rank 0, W&B not disabled)."""
+        return self._run is not None
+
+    def log_media(self, media: Mapping[str, Any], *, step: int, epoch: float) -> None:
+        """Log images and tables to W&B only (metrics.jsonl holds numbers), in one row at `step` / `epoch`.
+
+        Values are plain data: an image `{"image": HxWx3 uint8 array or file path, "caption": str, "boxes": W&B box
+        dict}` or a list of them; a table `{"columns": [...], "rows": [[...], ...]}`. A failure warns, never raises.
+        """
+        if self._run is None or not media:
+            return
+        try:
+            import wandb
+
+            def image(item: Mapping) -> Any:
+                return wandb.Image(item["image"], caption=item.get("caption"), boxes=item.get("boxes"))
+
+            row: dict[str, Any] = {"step": int(step), "epoch": float(epoch)}
+            for key, value in media.items():
+                if isinstance(value, Mapping) and "columns" in value:
+                    row[key] = wandb.Table(columns=list(value["columns"]), data=[list(r) for r in value["rows"]])
+                elif isinstance(value, Mapping):
+                    row[key] = image(value)
+                else:
+                    row[key] = [image(item) for item in value]
+            self._run.log(row)
+        except Exception as e:  # pictures are a courtesy: never stop training (nor the metric rows) for them
+            self._warn("media", f"wandb media logging failed ({type(e).__name__}: {e}); metrics still logged")
 
     def finish(self) -> None:
         self._close_run()
@@ -223,69 +258,6 @@ def _plain(value: Any) -> Any:
     return float(value)
 
 
-def _metrics_file(run_dir: str | os.PathLike) -> Path:
-    path = Path(run_dir)
-    return path / METRICS_NAME if path.is_dir() else path
-
-
-def _parse_lines(path: Path) -> tuple[list[dict], bool]:
-    """Rows of a metrics file and whether its last line was cut short (a crash mid-write)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows: list[dict] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                warnings.warn(f"{path}: ignoring truncated last line {number} ({e})", TrackingWarning, stacklevel=3)
-                return rows, True
-            raise ValueError(f"{path}: line {number} is not valid JSON ({e})") from e
-    return rows, False
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """Rows of `run_dir/metrics.jsonl` (or of that file itself); a truncated last line is dropped with a warning."""
-    path = _metrics_file(run_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}")
-    return _parse_lines(path)[0]
-
-
-def truncate_metrics_after(run_dir: str | os.PathLike, step: int) -> int:
-    """Drop rows with step > `step` (logged after the checkpoint being resumed); returns how many were dropped.
-
-    Call it before a Tracker opens the file (Tracker(resume_step=...) does). A missing file is not an error.
-    """
-    path = _metrics_file(run_dir)
-    if not path.is_file():
-        return 0
-    rows, partial = _parse_lines(path)
-    kept = [row for row in rows if row.get("step", -math.inf) <= step]
-    if len(kept) == len(rows) and not partial:
-        return 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(rows) - len(kept)
-
-
-def _drop_partial_tail(path: Path) -> None:
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    keep = data.rfind(b"\n") + 1
-    warnings.warn(f"{path}: dropping a truncated last line ({len(data) - keep} bytes)", TrackingWarning, stacklevel=3)
-    with open(path, "r+b") as f:
-        f.truncate(keep)
-
-
 # --- reading W&B's transaction log (`run-<id>.wandb`) without network -------------------------------------------
 
 _HEADER = b":W&B"  # then 2 magic bytes and 1 version byte
@@ -355,17 +327,31 @@ def _read_wandb_file(path: Path) -> tuple[float, list[dict]]:
         if kind == "run" and record.run.HasField("start_time"):
             start = record.run.start_time.seconds + record.run.start_time.nanos * 1e-9
         elif kind == "history":
-            rows.append(
-                {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            )
+            row: dict = {}
+            for item in record.history.item:
+                # Media are logged as nested keys (["val/predictions", "_type"], ...): rebuild their dicts.
+                *parents, leaf = [item.key] if item.key else list(item.nested_key)
+                node = row
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = json.loads(item.value_json)
+            rows.append(row)
     return start, rows
 
 
-def read_wandb_history(path: str | os.PathLike, include_internal: bool = False) -> list[dict]:
+def _is_media(value: Any) -> bool:
+    return isinstance(value, dict) and "_type" in value  # images, image lists, tables, ...
+
+
+def read_wandb_history(
+    path: str | os.PathLike, include_internal: bool = False, include_media: bool = False
+) -> list[dict]:
     """History rows of every `.wandb` file under `path` (run folder, its `wandb/`, or one file), merged in order.
 
     Segments (resumes) are ordered by start time; a segment replaces the earlier rows from its first `step` on,
     as `truncate_metrics_after` does for metrics.jsonl. Keys starting with `_` are W&B's own unless requested.
+    Media (images, tables: dicts with a `_type`, their files under the segment's `files/`) are left out unless
+    requested, with the rows that held nothing else, so by default the history equals metrics.jsonl.
     """
     root = Path(path)
     files = {root.resolve()} if root.is_file() else {p.resolve() for p in root.rglob("*.wandb")}
@@ -377,6 +363,13 @@ def read_wandb_history(path: str | os.PathLike, include_internal: bool = False) 
         if rows and "step" in rows[0]:
             merged = [row for row in merged if row.get("step", -math.inf) < rows[0]["step"]]
         merged += rows
+    if not include_media:
+        plain = [{k: v for k, v in row.items() if not _is_media(v)} for row in merged]
+        merged = [p for p, row in zip(plain, merged, strict=True) if len(p) == len(row) or _has_metrics(p)]
     if include_internal:
         return merged
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in merged]
+
+
+def _has_metrics(row: dict) -> bool:
+    return any(k not in ("step", "epoch") and not k.startswith("_") for k in row)

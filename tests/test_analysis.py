@@ -299,3 +299,22 @@ def test_plot_bands_writes_png(tmp_path):
     fig.savefig(tmp_path / "bands.png")
     assert (tmp_path / "bands.png").read_bytes()[:8] == PNG_MAGIC
     assert math.isfinite(float(qa.stats["band_score"].sum()))
+
+
+def test_report_group_is_the_one_the_compared_runs_share(tmp_path):
+    from conddetr.analysis import report
+    from conddetr.config import load_config, save_config
+
+    for name, overrides in {"a": ["name=exp"], "b": ["name=exp", "optim.lr=2e-4"], "c": ["name=other"]}.items():
+        (tmp_path / name).mkdir()
+        save_config(load_config(None, overrides), tmp_path / name)
+    assert report.shared_tracking([tmp_path / "a", tmp_path / "b"]) == {"project": "conddetr", "group": "exp"}
+    assert report.shared_tracking([tmp_path / "a", tmp_path / "c"]) == {"project": "conddetr", "group": None}
+    assert report.shared_tracking([tmp_path / "a", tmp_path / "none"]) == {"project": None, "group": None}
+    s = convergence.Speedup(0.3, 8.0, 2.0, 8.0, 4.0, 4.0, None)
+    table = report.speedup_table({"Conditional DETR": s}, "DETR", published=False)
+    assert table == {
+        "columns": report.SPEEDUP_COLUMNS,
+        "rows": [["Conditional DETR", "DETR", "AP", 30.0, 2.0, 8.0, 4.0, None, "these runs"]],
+    }
+    assert report.log_report(tmp_path / "off", {}, {}, mode="disabled") is None

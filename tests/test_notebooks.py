@@ -12,6 +12,7 @@ import torch
 from nbclient import NotebookClient
 
 from conddetr.config import load_config, save_config
+from conddetr.tracking import read_wandb_history
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SPEC = str(REPO / "experiments" / "smoke_synthetic.yaml")
@@ -46,7 +47,7 @@ def assert_pngs(folder: Path, names: list[str]):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_convergence_notebook_on_run_folders(tmp_path):
+def test_convergence_notebook_on_run_folders(tmp_path, monkeypatch):
     runs = {
         "Conditional DETR": write_run(tmp_path / "cond", {1: 0.10, 2: 0.30, 3: 0.38, 4: 0.40}),
         "DETR": write_run(tmp_path / "detr", {2: 0.05, 4: 0.10, 6: 0.20, 8: 0.30}),
@@ -63,7 +64,14 @@ def test_convergence_notebook_on_run_folders(tmp_path):
         write_run(study / folder, aps)
         save_config(load_config(None, [f"model.variant={variant}", f"optim.seed={seed}"]), study / folder)
     out = tmp_path / "figs"
-    text = execute("convergence", {"run_dirs": runs, "output_dir": str(out), "study_dir": str(study)}, tmp_path)
+    # The kernel inherits this environment: W&B writes only under tmp_path and reaches no server.
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    params = {"run_dirs": runs, "output_dir": str(out), "wandb_mode": "offline", "wandb_group": "cmp",
+              "study_dir": str(study)}  # fmt: skip
+    text = execute("convergence", params, tmp_path)
     assert_pngs(out, ["convergence_AP.png", "train_loss.png", "published_ap.png", "convergence_seeds_AP.png"])
     assert "Conditional DETR reaches AP 30.0 in 2 epochs vs 8: 4.00x fewer" in text
     assert "slow never reached AP 30.0" in text
@@ -71,6 +79,22 @@ def test_convergence_notebook_on_run_folders(tmp_path):
     assert "Conditional DETR: 2 seeds, final val AP 45.0 +- 7.1 at epoch 2" in text
     assert "seed 1: Conditional DETR reaches AP 30.0 in 1.5 epochs vs 6: 4.00x fewer" in text
     assert "seed 2: Conditional DETR reaches AP 25.0 in 1 epochs vs 6: 6.00x fewer" in text
+    assert "W&B report run" in text and "(offline, project conddetr, group cmp)" in text
+    # The report run, read back from its offline file: the three figures and the speed-up table.
+    (row,) = read_wandb_history(out / "wandb_report", include_media=True)
+    figures = {k: v for k, v in row.items() if k.startswith("convergence/") and v["_type"] == "image-file"}
+    assert sorted(figures) == [
+        "convergence/convergence_AP",
+        "convergence/convergence_seeds_AP",
+        "convergence/published_ap",
+        "convergence/train_loss",
+    ]
+    pattern = f"wandb/*/files/{row['convergence/speedups']['path']}"
+    (table_file,) = {p.resolve() for p in (out / "wandb_report").glob(pattern)}  # latest-run links to the run
+    table = json.loads(table_file.read_text())
+    speedups = {r[0]: r[6] for r in table["data"]}
+    assert speedups["Conditional DETR"] == 4.0 and speedups["slow"] is None
+    assert speedups["Conditional DETR DC5-R50"] == 10.0  # the published row: DETR 500 epochs vs 50
 
 
 @pytest.fixture(scope="module")

@@ -217,3 +217,24 @@ def test_online_log_failure_continues_in_an_offline_segment(wandb_env, monkeypat
     assert tracker.mode == "offline"
     assert len({p.resolve() for p in (wandb_env / "run").rglob("*.wandb")}) == 2
     assert read_wandb_history(wandb_env / "run") == read_metrics(wandb_env / "run")  # step 2 re-sent offline
+
+
+def test_media_failure_warns_and_metrics_go_on(wandb_env, monkeypatch):
+    import wandb
+
+    tracker = Tracker(wandb_env / "run", mode="offline")
+    assert tracker.logs_media
+    tracker.log_media({"val/table": {"columns": ["a"], "rows": [[1.0]]}}, step=0, epoch=0.0)
+
+    def broken_image(*args, **kwargs):
+        raise OSError("simulated media failure")
+
+    monkeypatch.setattr(wandb, "Image", broken_image)
+    with pytest.warns(TrackingWarning, match="media logging failed.*simulated media failure"):
+        tracker.log_media({"val/predictions": [{"image": "x.png"}]}, step=1, epoch=1.0)
+    _log(tracker, _rows(1, 3), first_step=1)
+    tracker.finish()
+    assert read_wandb_history(wandb_env / "run") == read_metrics(wandb_env / "run")  # the table row left out
+    (row,) = [r for r in read_wandb_history(wandb_env / "run", include_media=True) if "val/table" in r]
+    assert row["val/table"]["_type"] == "table-file" and row["step"] == 0
+    assert Tracker(wandb_env / "off", mode="disabled").logs_media is False

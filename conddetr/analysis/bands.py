@@ -167,6 +167,13 @@ def query_attention(
 ) -> QueryAttention:
     """Maps of `query` (default: the highest-scoring one) at decoder `layer` for image `image_index` of the batch."""
     outputs, attn = cross_attention(model, images, mask)
+    return attention_of_query(outputs, attn, mask, variant, layer, image_index, query, margin)
+
+
+def attention_of_query(
+    outputs: dict, attn: dict, mask, variant: str, layer: int = -1, image_index: int = 0, query=None, margin=0.25
+) -> QueryAttention:
+    """`query_attention` from the results of one `cross_attention` call (several queries, one forward pass)."""
     num_layers = attn["spatial"].shape[0]
     if not -num_layers <= layer < num_layers:
         raise IndexError(f"layer {layer} out of range for {num_layers} decoder layers")

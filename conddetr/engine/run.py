@@ -32,6 +32,7 @@ from conddetr.engine.distributed import (
     resolve_device,
 )
 from conddetr.engine.loop import StepConfig, evaluate, forward_backward, progress_enabled, train_one_epoch
+from conddetr.engine.media import log_val_media
 from conddetr.engine.optim import build_lr_scheduler, build_optimizer
 from conddetr.engine.preempt import watch as watch_stop_requests
 from conddetr.engine.setup import Components, build_components, wrap_ddp
@@ -205,6 +206,7 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
             "config": config_to_dict(cfg),
             "wandb_run_id": tracker.run_id,
             "label_to_category": {int(k): int(v) for k, v in c.info.label_to_category.items()},
+            "category_names": {int(c.info.label_to_category[k]): str(v) for k, v in c.info.category_names.items()},
             "model_kwargs": c.model_kwargs,
         }
         if env.is_main:
@@ -239,11 +241,14 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
                     )  # fmt: skip
                 scheduler.step()
                 metrics = {f"train_epoch/{k}": v for k, v in means.items()}
-                every = cfg.eval.every_epochs
+                every, stats = cfg.eval.every_epochs, None
                 if every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == o.epochs):
                     stats = _evaluate(cfg, env, device, c, run_dir / "results" / f"val_epoch{epoch + 1:03d}.json")
                     metrics.update({f"val/{k}": v for k, v in stats.items()})
                 tracker.log(metrics, step=global_step, epoch=float(epoch + 1))
+                if stats is not None:  # pictures of this evaluation, through the tracker (W&B only)
+                    log_val_media(tracker, c, t.log_images, stats, step=global_step, epoch=float(epoch + 1),
+                                  device=device, amp_dtype=AMP_DTYPES[o.amp])  # fmt: skip
                 log.info("epoch %d/%d done (step %d): %s", epoch + 1, o.epochs, global_step, _fmt(metrics))
                 save(epoch, global_step, None)
         finally:
