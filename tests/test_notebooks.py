@@ -129,19 +129,25 @@ def test_attention_notebook_random_model_warns(tmp_path):
         "spec": SMOKE_SPEC,
         "overrides": ["data.synthetic.num_train=4", "data.synthetic.num_val=2", f"data.synthetic.cache_dir={tmp_path}"],
         "output_dir": str(tmp_path / "figs"),
+        "compare_checkpoint": None,  # not the repository's own demo run, whatever runs/ holds
     }
     text = execute("attention_bands", params, tmp_path)
     assert "WARNING: no checkpoint" in text and "bands appear after training" in text
     assert text.count("band score") == 4  # smoke model: 4 heads
+    assert "this model: no checkpoint at" in text and "compared model: no checkpoint at None, skipped" in text
     assert_pngs(tmp_path / "figs", ["attention_bands.png"])
 
 
 def test_attention_notebook_loads_trained_checkpoint(fallback, tmp_path):
     # The DETR variant's query scoring is covered by tests/test_analysis.py; one notebook run keeps the suite fast.
     checkpoint = fallback[0] / "runs" / "conditional_detr" / "checkpoint.pth"
-    params = {"checkpoint": str(checkpoint), "spec": SMOKE_SPEC, "output_dir": str(tmp_path / "figs"), "layer": 0}
+    compare = fallback[0] / "runs" / "detr" / "checkpoint.pth"
+    params = {"checkpoint": str(checkpoint), "spec": SMOKE_SPEC, "output_dir": str(tmp_path / "figs"), "layer": 0,
+              "compare_checkpoint": str(compare), "summary_images": 2}  # fmt: skip
     text = execute("attention_bands", params, tmp_path)
     assert "WARNING" not in text
     assert f"loaded {checkpoint} (1 epochs trained)" in text
     assert "at decoder layer 0" in text
+    assert f"this model (conditional, {checkpoint}): spatial maps:" in text
+    assert f"compared model (detr, {compare}): spatial maps:" in text and "band score medians over 2 val images" in text
     assert_pngs(tmp_path / "figs", ["attention_bands.png"])
