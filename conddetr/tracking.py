@@ -339,6 +339,26 @@ def _read_wandb_file(path: Path) -> tuple[float, list[dict]]:
     return start, rows
 
 
+def read_wandb_runs(path: str | os.PathLike) -> list[dict]:
+    """The run record of every `.wandb` file under `path`: {"file", "run_id", "project", "group"}, one per segment."""
+    from wandb.proto import wandb_internal_pb2
+
+    root = Path(path)
+    files = sorted({root.resolve()} if root.is_file() else {p.resolve() for p in root.rglob("*.wandb")})
+    if not files:
+        raise FileNotFoundError(f"no .wandb files under {root}")
+    runs = []
+    for file in files:
+        record = wandb_internal_pb2.Record()
+        for payload in _wandb_payloads(file, quiet=True):
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "run":
+                r = record.run
+                runs.append({"file": str(file), "run_id": r.run_id, "project": r.project, "group": r.run_group})
+                break
+    return runs
+
+
 def _is_media(value: Any) -> bool:
     return isinstance(value, dict) and "_type" in value  # images, image lists, tables, ...
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conddetr.demo import plan
+from conddetr.tracking import read_wandb_runs
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -48,7 +49,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     for run in ("demo_synthetic", "demo_synthetic_detr"):
         rows = [json.loads(line) for line in (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows if "val/AP" in r] == [1.0, 2.0]
-        assert list((tmp_path / "runs" / run / "wandb").glob("offline-run-*")), "W&B offline run missing"
+        (segment,) = read_wandb_runs(tmp_path / "runs" / run / "wandb")  # offline, read back from the run file
+        assert segment["group"] == "demo", segment  # both runs in one group: side by side after `wandb sync`
     assert "wandb sync" in text and "demo done in" in text
 
 
