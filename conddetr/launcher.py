@@ -82,15 +82,17 @@ def _now() -> str:
 
 
 def set_rendezvous_env() -> None:
-    """MASTER_ADDR/PORT for a multi-task SLURM job: first node of the allocation, port derived from the job id."""
+    """In a SLURM job: MASTER_ADDR/PORT of a multi-task job (engine.distributed), threads from --cpus-per-task."""
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
         return
+    from conddetr.engine.distributed import set_slurm_rendezvous
+
     env = submitit.JobEnvironment()
-    os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
-    # The raw SLURM id is unique per array task, so two tasks sharing a node never pick the same port.
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
-    # Same thread count on every (re)start of a run: CPU reductions are then bit-identical across a requeue.
-    os.environ.setdefault("CONDDETR_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+    if env.num_tasks > 1:
+        set_slurm_rendezvous(env.hostnames[0])
+    # Same thread count on every (re)start of a run: CPU reductions are then bit-identical across a requeue. From
+    # this allocation, not from the submitting shell (sbatch exports its environment).
+    os.environ["CONDDETR_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK", "1")
 
 
 class TrainJob(submitit.helpers.Checkpointable):

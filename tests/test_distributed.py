@@ -91,6 +91,14 @@ def test_dist_env_reads_submitit_job_environment(monkeypatch):
         monkeypatch.setenv(key, value)
     assert read_dist_env() == DistEnv(rank=1, world_size=2, local_rank=1, source="submitit")
     assert os.environ["MASTER_ADDR"] == "node7" and os.environ["MASTER_PORT"] == str(20000 + 4321)
+    # sbatch exports the submitting shell's environment: a process group of its own there is not this job's.
+    inherited = {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "login2", "MASTER_PORT": "29500"}
+    for key, value in inherited.items():
+        monkeypatch.setenv(key, value)
+    assert read_dist_env() == DistEnv(rank=1, world_size=2, local_rank=1, source="submitit")
+    assert os.environ["MASTER_ADDR"] == "node7" and os.environ["MASTER_PORT"] == str(20000 + 4321)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun started inside the job: its variables count
+    assert read_dist_env() == DistEnv(rank=5, world_size=8, local_rank=0, source="torchrun")
 
 
 def test_ranks_that_see_different_checkpoints_fail_alike():
