@@ -59,10 +59,9 @@ TWO_TASKS = [
 KILLED = [*TWO_TASKS, "optim.epochs=1", "checkpoint_every_steps=2"]
 FIRST_STEP = ["model.dropout=0"]  # the ranks' dropout streams differ (seed + rank); the backbone trains (1e-5)
 DEAD_RANK_BOUND_S = 30  # a dead rank must end the job in seconds (the job's time limit is an hour)
-
-
-def _submit(run_dir: Path, overrides: list[str]) -> None:
-    assert main([SMOKE, *overrides, f"run_dir={run_dir}", "--cluster", "slurm"]) == 0
+# The jobs queue behind one another: on 2 idle cores the killed run starts ~70 s after the first job and every job
+# takes 10-40 s, but a busy machine stretches that several times; waits fail only after these bounds.
+QUEUE_S, JOB_S = 1200, 600
 
 
 def _task_pid(job_id: str, rank: int) -> int:
@@ -81,12 +80,26 @@ def _task_pid(job_id: str, rank: int) -> int:
 def jobs(tmp_path_factory):
     """Queue the four jobs in the order they run; preempt the first inside epoch 2, kill a rank of the last.
 
-    After the killed job has failed, its status row is kept and the same run folder is submitted again.
+    After the killed job has failed, its status row is kept and the same run folder is submitted again. Jobs still
+    queued or running when the module ends (or its set-up fails) are cancelled: they would hold the node.
     """
     root = tmp_path_factory.mktemp("slurm_ranks")
+    submitted: list[str] = []
+    try:
+        yield _run_jobs(root, submitted)
+    finally:
+        subprocess.run(["scancel", *submitted], capture_output=True, check=False)  # finished ones: a no-op
+
+
+def _run_jobs(root: Path, submitted: list[str]) -> dict:
     runs = {name: root / name for name in ("preempt", "reference", "killed")}
-    _submit(runs["preempt"], TWO_TASKS)
-    _submit(runs["reference"], TWO_TASKS)
+
+    def submit(name: str, overrides: list[str]) -> None:
+        assert main([SMOKE, *overrides, f"run_dir={runs[name]}", "--cluster", "slurm"]) == 0
+        submitted.append(record(runs[name])["job_id"])
+
+    submit("preempt", TWO_TASKS)
+    submit("reference", TWO_TASKS)
     # The first step of the same 2-task layout, through `python -m conddetr first-step` in both tasks.
     out = root / "first_step.pth"
     cfg = load_config(SMOKE, [*TWO_TASKS, *FIRST_STEP])
@@ -95,15 +108,16 @@ def jobs(tmp_path_factory):
     cmd = ["env", "CONDDETR_NUM_THREADS=1", sys.executable, "-m", "conddetr", "first-step", SMOKE, "--out", str(out),
            *TWO_TASKS, *FIRST_STEP]  # fmt: skip
     first_step_job = executor.submit(submitit.helpers.CommandFunction(cmd, cwd=REPO))
-    _submit(runs["killed"], KILLED)
+    submitted.append(first_step_job.job_id)
+    submit("killed", KILLED)
 
     preempt = runs["preempt"]
-    wait(lambda: last_step(preempt) > STEPS_PER_EPOCH, "epoch 2's first step", poll=0.02)
+    wait(lambda: last_step(preempt) > STEPS_PER_EPOCH, "epoch 2's first step", timeout=JOB_S, poll=0.02)
     assert not finished(preempt), "the job ended before it could be preempted"
     submitit.SlurmJob(folder=preempt / launcher.SUBMITIT_DIR, job_id=record(preempt)["job_id"])._interrupt()
 
     killed = runs["killed"]
-    wait(lambda: last_step(killed) >= 3, "the killed run's third step", timeout=480, poll=0.02)  # queued last
+    wait(lambda: last_step(killed) >= 3, "the killed run's third step", timeout=QUEUE_S, poll=0.02)  # queued last
     assert not finished(killed), "the job ended before a rank could be killed"
     job_id = record(killed)["job_id"]
     pid = _task_pid(job_id, rank=1)
@@ -112,14 +126,14 @@ def jobs(tmp_path_factory):
     wait(lambda: finished(killed), "the job of the killed rank to end", poll=0.1)
     dead = {"seconds": time.monotonic() - start, "job_id": job_id, "row": collect_status(killed)[0]}
     dead["resume_step"] = int(torch.load(killed / "checkpoint.pth", weights_only=True)["global_step"])
-    _submit(killed, KILLED)  # the restart: same run folder, a new job
+    submit("killed", KILLED)  # the restart: same run folder, a new job
     return {**runs, "first_step": (first_step_job, out, cfg), "dead": dead}
 
 
 def test_preempted_two_task_job_requeues_and_resumes_exactly(jobs):
     run_dir, reference = jobs["preempt"], jobs["reference"]
     job_id = record(run_dir)["job_id"]
-    wait(lambda: finished(run_dir), "the requeued job to finish")
+    wait(lambda: finished(run_dir), "the requeued job to finish", timeout=JOB_S)
     assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     log = (run_dir / "train.log").read_text()
     assert f"rank 0 of 2 (submitit) on cpu; conddetr from {Path(conddetr.__file__).parent}" in log  # this code
@@ -135,7 +149,7 @@ def test_preempted_two_task_job_requeues_and_resumes_exactly(jobs):
     assert len(state["rng"]) == 2 and state["data"]["world_size"] == 2  # one RNG state per rank
     ids = wandb_ids(run_dir)
     assert len(ids) == 2 and ids[0] == ids[1] == state["wandb_run_id"], ids
-    wait(lambda: finished(reference), "the uninterrupted 2-task run to finish")
+    wait(lambda: finished(reference), "the uninterrupted 2-task run to finish", timeout=JOB_S)
     assert sacct_states(record(reference)["job_id"]) == ["COMPLETED"]
     assert_same_metrics(metrics(run_dir), metrics(reference))
 
@@ -144,7 +158,7 @@ def test_two_task_first_step_equals_one_process_with_the_global_batch(jobs):
     job, out, cfg = jobs["first_step"]
     # In this process meanwhile: one rank, both images (the global batch of the 2-task job).
     loss, grads = debug_first_step(load_config(SMOKE, [*TWO_TASKS, *FIRST_STEP, "data.batch_size=2"]))
-    wait(lambda: job_ended(job.job_id), "the first-step job")
+    wait(lambda: job_ended(job.job_id), "the first-step job", timeout=JOB_S)
     assert sacct_states(job.job_id) == ["COMPLETED"], job.stderr()
     ddp = torch.load(out, weights_only=True)
     assert ddp["world_size"] == 2 and cfg.data.batch_size == 1
@@ -168,7 +182,7 @@ def test_restart_after_a_dead_rank_resumes_from_the_last_checkpoint(jobs):
     run_dir, dead = jobs["killed"], jobs["dead"]
     job_id = record(run_dir)["job_id"]
     assert job_id != dead["job_id"]
-    wait(lambda: finished(run_dir), "the restarted job to finish")
+    wait(lambda: finished(run_dir), "the restarted job to finish", timeout=JOB_S)
     assert sacct_states(job_id) == ["COMPLETED"]
     step = dead["resume_step"]
     assert 2 <= step < STEPS_PER_EPOCH and step % 2 == 0  # a periodic mid-epoch checkpoint
@@ -178,6 +192,6 @@ def test_restart_after_a_dead_rank_resumes_from_the_last_checkpoint(jobs):
     ids = wandb_ids(run_dir)
     assert len(ids) == 2 and ids[0] == ids[1], ids
     # Epoch 1 of the uninterrupted 2-epoch run is this 1-epoch run, row for row.
-    wait(lambda: finished(jobs["reference"]), "the uninterrupted 2-task run to finish")
+    wait(lambda: finished(jobs["reference"]), "the uninterrupted 2-task run to finish", timeout=JOB_S)
     want = [r for r in metrics(jobs["reference"]) if r["epoch"] <= 1]
     assert_same_metrics(metrics(run_dir), want)
