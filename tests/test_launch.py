@@ -244,27 +244,29 @@ def test_metrics_values_survive_the_status_round_trip(tmp_path):
 
 
 def test_status_names_the_rank_that_died_first(tmp_path):
-    """A 2-task job: rank 1 SIGKILLed, then rank 0 failed in a collective; an earlier start left its own lines."""
+    """A 2-task job: rank 1 SIGKILLed, then rank 0 failed in a collective; an earlier start left its own lines.
+
+    The job id is one no test cluster gives out (the record's own state counts, not sacct's)."""
     run = tmp_path / "r"
     logs = run / launcher.SUBMITIT_DIR
     logs.mkdir(parents=True)
-    launcher.write_record(run, cluster="slurm", job_id="41", state="FAILED", submitit_folder=str(logs))
+    launcher.write_record(run, cluster="slurm", job_id="987655_1", state="FAILED", submitit_folder=str(logs))
     earlier = "srun: error: vm: task 0: Exited with exit code 255\nsrun: error: vm: task 1: Killed\n"  # the requeue
     rank0 = "[rank0]: RuntimeError: [gloo] Read error: Connection reset by peer\n"
     srun = "srun: error: vm: task 1: Killed\nsrun: error: vm: task 0: Exited with exit code 1\n"
     start = f"{launcher.START_MARKER}: rank 0 on vm\n"
-    (logs / "41_0_log.err").write_text(start + earlier + start + rank0 + srun)
-    (logs / "41_1_log.err").write_text(f"{launcher.START_MARKER}: rank 1 on vm\n")
+    (logs / "987655_1_0_log.err").write_text(start + earlier + start + rank0 + srun)
+    (logs / "987655_1_1_log.err").write_text(f"{launcher.START_MARKER}: rank 1 on vm\n")
     (run / launcher.ERROR_FILE).write_text("RuntimeError: [gloo] Read error: Connection reset by peer\n")
     (row,) = collect_status(run)
     assert row.error == "rank 1 on vm: Killed"
     # A rank other than 0 raised: its own exception line, from its own log.
-    (logs / "41_0_log.err").write_text(start + "srun: error: vm: task 1: Exited with exit code 1\n")
-    (logs / "41_1_log.err").write_text("Traceback (most recent call last):\nOSError: image 7 is truncated\n")
+    (logs / "987655_1_0_log.err").write_text(start + "srun: error: vm: task 1: Exited with exit code 1\n")
+    (logs / "987655_1_1_log.err").write_text("Traceback (most recent call last):\nOSError: image 7 is truncated\n")
     (row,) = collect_status(run)
     assert row.error == "rank 1 on vm: OSError: image 7 is truncated"
     # Every rank failed alike (or only rank 0): rank 0's error.txt says why.
-    (logs / "41_0_log.err").write_text(start + "srun: error: vm: tasks 0-1: Exited with exit code 1\n")
+    (logs / "987655_1_0_log.err").write_text(start + "srun: error: vm: tasks 0-1: Exited with exit code 1\n")
     (run / launcher.ERROR_FILE).write_text("DatasetError: no train images\n")
     (row,) = collect_status(run)
     assert row.error == "DatasetError: no train images"
