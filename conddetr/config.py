@@ -139,6 +139,7 @@ class LaunchConfig:
     qos: str | None = None
     nodes: int = 1
     gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # processes per node; None: one per GPU, 1 on a CPU node (gloo when > 1)
     cpus_per_task: int = 2
     mem_gb: int = 8
     timeout_min: int = 60
@@ -248,6 +249,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "checkpoint_every_steps": (_non_negative, ">= 0 (0: checkpoints only at epoch ends and on a stop signal)"),
     **{f"launch.{k}": (_positive, ">= 1") for k in ("nodes", "cpus_per_task", "mem_gb", "timeout_min")},
     "launch.gpus_per_node": (_non_negative, ">= 0"),
+    "launch.tasks_per_node": (lambda v: v is None or v >= 1, "null (one per GPU, 1 on a CPU node) or >= 1"),
     "launch.array_parallelism": (_positive, ">= 1"),
     **{f"pretrain.{k}": (_positive, ">= 1") for k in ("num_images", "steps", "images_per_step")},
     "pretrain.peak_lr": (lambda v: v > 0, "> 0"),
@@ -497,6 +499,13 @@ def _validate(cfg: DictConfig, provenance: dict[str, str]) -> None:
         largest = max(value) if isinstance(value, Iterable) else value
         if largest > d.max_size:
             raise ConfigError(f"{key}={value} ({where(key)}) exceeds data.max_size={d.max_size}, the long-side cap")
+    n = cfg.launch
+    if n.gpus_per_node > 0 and n.tasks_per_node is not None and n.tasks_per_node > n.gpus_per_node:
+        raise ConfigError(
+            f"launch.tasks_per_node={n.tasks_per_node} ({where('launch.tasks_per_node')}) exceeds "
+            f"launch.gpus_per_node={n.gpus_per_node} ({where('launch.gpus_per_node')}): each process takes the GPU "
+            "of its local rank"
+        )
     if d.dataset == "coco" and not d.root:
         needed = ["data.val_images", "data.val_annotations"]
         if not cfg.eval.eval_only:

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", usage=USAGE, description=__doc__)
     p.add_argument("items", nargs="*", metavar="SPEC [key=value ...]", help="experiment spec, then config overrides")
     p.add_argument("--cluster", choices=launcher.CLUSTERS, help="default: slurm when sbatch is on PATH, else local")
-    p.add_argument("--gpus", type=int, help="local: processes started with torchrun; slurm: launch.gpus_per_node")
+    p.add_argument("--gpus", type=int, help="local: processes started with torchrun (default launch.tasks_per_node "
+                   "or 1); slurm: launch.gpus_per_node")  # fmt: skip
     p.add_argument("--sweep", help="sweep YAML: one run per override set, one SLURM job array")
     p.add_argument("--dry-run", action="store_true", help="print the runs and sbatch settings, submit nothing")
     p.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then print their status")
@@ -66,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
         if cluster == "slurm" and args.gpus is not None:
             overrides = [*overrides, f"launch.gpus_per_node={args.gpus}"]
-        if cluster == "debug" and (args.gpus or 1) > 1:
-            raise ConfigError("--cluster debug runs one process in this one; use local or slurm for --gpus > 1")
         plans, sweep_name = launcher.plan_runs(spec, overrides, args.sweep)
+        procs = max(local_processes(p, args.gpus) for p in plans)
+        if cluster == "debug" and procs > 1:
+            raise ConfigError(
+                "--cluster debug runs one process in this one; use local or slurm for --gpus > 1 or "
+                "launch.tasks_per_node > 1"
+            )
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
@@ -80,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             print("launch.py: error: a sweep is one job array; launch.* must be equal in all its runs", file=sys.stderr)
             return 2
         params = launcher.sbatch_parameters(plans[0].config["launch"], name=sweep_name or plans[0].config["name"])
-    describe(plans, sweep_name, cluster, params, args.gpus or 1)
+    describe(plans, sweep_name, cluster, params, procs)
     if args.dry_run:
         return 0
     if cluster == "slurm":
         return submit(plans, params, sweep_name, args.wait)
-    return run_here(plans, cluster, args.gpus or 1)
+    return run_here(plans, cluster, args.gpus)
 
 
 def describe(plans, sweep_name, cluster, params, gpus) -> None:
@@ -95,6 +100,7 @@ def describe(plans, sweep_name, cluster, params, gpus) -> None:
         print(f"  [{i}] {p.name}\n      run dir:   {p.run_dir}\n      overrides: {' '.join(p.overrides) or '-'}")
     if cluster == "slurm":
         print("sbatch settings:\n  " + "\n  ".join(launcher.sbatch_lines(params, len(plans))))
+        print(f"tasks started with: srun {' '.join(params['srun_args'])}")
     elif cluster == "debug":
         print("submitit DebugExecutor: runs in this process, one run after the other")
     elif gpus > 1:
@@ -125,7 +131,12 @@ def submit(plans, params, sweep_name, wait: bool) -> int:
     return 0 if all(r.state == "COMPLETED" for r in rows) else 1
 
 
-def run_here(plans, cluster: str, gpus: int) -> int:
+def local_processes(plan, gpus: int | None) -> int:
+    """Processes of a local run: --gpus, else the spec's launch.tasks_per_node (CPU processes with gloo), else 1."""
+    return gpus or plan.config["launch"].get("tasks_per_node") or 1
+
+
+def run_here(plans, cluster: str, gpus: int | None) -> int:
     failed = []
     for p in plans:
         print(f"== {p.name}: {p.run_dir}", flush=True)
@@ -133,7 +144,7 @@ def run_here(plans, cluster: str, gpus: int) -> int:
             if cluster == "debug":
                 metrics = launcher.run_debug(p)
             else:
-                metrics = launcher.run_local(p, gpus)
+                metrics = launcher.run_local(p, local_processes(p, gpus))
         except Exception as e:
             if len(plans) == 1:
                 raise

@@ -10,12 +10,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from conddetr.launcher import ERROR_FILE, LAUNCH_RECORD, SUBMITIT_DIR
+from conddetr.launcher import ERROR_FILE, LAUNCH_RECORD, START_MARKER, SUBMITIT_DIR
 
 RUN_MARKERS = ("config.yaml", LAUNCH_RECORD)  # a run folder holds one of these (pending jobs: only the record)
 SKIP_DIRS = {SUBMITIT_DIR, ".submitit", "wandb", "results"}
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING")
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ")
+_SRUN_TASK_END = re.compile(r"^srun: error: (\S+): tasks? ([\d,-]+): (.+)$")  # srun's report of a task ending badly
 
 
 @dataclass
@@ -89,18 +91,63 @@ def _not_before(sacct_time: str, record_time: str) -> bool:
 
 
 def first_error_line(run_dir: Path, record: dict) -> str:
-    """The job's `error.txt` first line, else the last exception line of the job's submitit stderr log."""
+    """What ended the job: the first task srun reported dead (a multi-task job's other ranks fail only because of
+    it), else the job's `error.txt` first line, else the last exception line of its task 0 stderr log."""
     error_file = run_dir / ERROR_FILE
+    rank0_error = ""
     if error_file.is_file():
         lines = error_file.read_text().strip().splitlines()
-        return lines[0] if lines else ""
+        rank0_error = lines[0] if lines else ""
+    logs = _task_logs(run_dir, record)
+    failed = first_failed_task(logs[0].read_text(errors="replace")) if 0 in logs else None
+    if failed is not None:
+        tasks, host, reason = failed
+        ids = _task_ids(tasks)
+        if 0 not in ids or not rank0_error:
+            if reason.startswith("Exited with exit code") and len(ids) == 1 and ids[0] in logs:
+                reason = _last_exception_line(logs[ids[0]]) or reason
+            return f"rank{'s' if len(ids) > 1 else ''} {tasks} on {host}: {reason}"
+    if rank0_error or 0 not in logs:
+        return rank0_error
+    return _last_exception_line(logs[0])
+
+
+def first_failed_task(batch_log: str) -> tuple[str, str, str] | None:
+    """(tasks, host, reason) of srun's first report of tasks ending badly since the job's last (re)start.
+
+    srun writes these lines to the batch log (task 0's stderr), e.g. `srun: error: node3: task 1: Killed`; a task
+    number is the rank (submitit: global rank = SLURM_PROCID).
+    """
+    since_start = batch_log.rsplit(START_MARKER, 1)[-1]  # a requeued job's earlier starts left their own lines
+    for line in since_start.splitlines():
+        m = _SRUN_TASK_END.match(line.strip())
+        if m:
+            return m.group(2), m.group(1), m.group(3).strip()
+    return None
+
+
+def _task_ids(spec: str) -> list[int]:
+    ids: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        ids += list(range(int(first), int(last or first) + 1))
+    return ids
+
+
+def _task_logs(run_dir: Path, record: dict) -> dict[int, Path]:
+    """This job's submitit stderr logs by task (a sweep shares one folder between its jobs)."""
     job_id = record.get("job_id", "")
     folder = Path(record.get("submitit_folder", run_dir / SUBMITIT_DIR))
-    name = re.compile(rf"{re.escape(job_id)}_\d+_log\.err")  # task logs of this job only (a sweep shares a folder)
-    logs = sorted(p for p in folder.glob("*_log.err") if name.fullmatch(p.name)) if job_id and folder.is_dir() else []
-    if not logs:
-        return ""
-    lines = [s.strip() for s in logs[0].read_text(errors="replace").splitlines() if s.strip()]
+    if not job_id or not folder.is_dir():
+        return {}
+    name = re.compile(rf"{re.escape(job_id)}_(\d+)_log\.err")
+    return {int(m.group(1)): p for p in folder.glob("*_log.err") if (m := name.fullmatch(p.name))}
+
+
+def _last_exception_line(path: Path) -> str:
+    text = path.read_text(errors="replace").rsplit(START_MARKER, 1)[-1]  # this (re)start of the task only
+    # torch prefixes the traceback of a failed distributed call with "[rankN]: ".
+    lines = [_RANK_PREFIX.sub("", s).strip() for s in text.splitlines() if s.strip()]
     matches = [s for s in lines if _EXCEPTION_LINE.match(s)]
     return matches[-1] if matches else (lines[-1] if lines else "")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import traceback
@@ -22,6 +23,8 @@ LAUNCH_RECORD = "launch.json"  # job id, cluster, submission time: what `launch.
 ERROR_FILE = "error.txt"  # written by a failing job: exception line first, then the traceback
 SUBMITIT_DIR = "submitit"  # per-run submitit folder (SLURM job ids restart when the state folder is wiped)
 CLUSTERS = ("local", "debug", "slurm")
+START_MARKER = "conddetr: task started"  # first stderr line of every (re)start of a SLURM task (see launch_status)
+SRUN_ARGS = ("--kill-on-bad-exit=1",)  # passed to the srun that starts the tasks (see sbatch_parameters)
 
 
 @dataclass
@@ -78,15 +81,17 @@ def _now() -> str:
 
 
 def set_rendezvous_env() -> None:
-    """MASTER_ADDR/PORT for a multi-task SLURM job: first node of the allocation, port derived from the job id."""
+    """In a SLURM job: MASTER_ADDR/PORT of a multi-task job (engine.distributed), threads from --cpus-per-task."""
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
         return
+    from conddetr.engine.distributed import set_slurm_rendezvous
+
     env = submitit.JobEnvironment()
-    os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
-    # The raw SLURM id is unique per array task, so two tasks sharing a node never pick the same port.
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
-    # Same thread count on every (re)start of a run: CPU reductions are then bit-identical across a requeue.
-    os.environ.setdefault("CONDDETR_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+    if env.num_tasks > 1:
+        set_slurm_rendezvous(env.hostnames[0])
+    # Same thread count on every (re)start of a run: CPU reductions are then bit-identical across a requeue. From
+    # this allocation, not from the submitting shell (sbatch exports its environment).
+    os.environ["CONDDETR_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK", "1")
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -99,6 +104,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         from conddetr.engine import run  # heavy imports (torch, models) happen in the job, not in the launcher
 
         set_rendezvous_env()
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            # A requeued job appends to the same logs: this line separates its starts (what `status` reads after).
+            print(f"{START_MARKER}: rank {_rank()} on {socket.gethostname()}", file=sys.stderr, flush=True)
         run_dir = Path(self.config["run_dir"])
         main = _rank() == 0
         if main:
@@ -131,7 +139,7 @@ def sbatch_parameters(launch: dict, *, name: str) -> dict:
     params = {
         "job_name": name,
         "nodes": launch["nodes"],
-        "ntasks_per_node": max(gpus_per_node, 1),  # one process per GPU; one process on a CPU node
+        "ntasks_per_node": tasks_per_node(launch),
         "cpus_per_task": launch["cpus_per_task"],
         "mem": f"{launch['mem_gb']}GB",
         "time": launch["timeout_min"],
@@ -144,12 +152,20 @@ def sbatch_parameters(launch: dict, *, name: str) -> dict:
             params[key] = launch[key]
     if launch.get("extra_sbatch"):
         params["additional_parameters"] = dict(launch["extra_sbatch"])
+    # One task dying (killed, out of memory, an exception on one rank) ends the job step at once: the others would
+    # otherwise wait in a collective for a peer that is gone, until the process group times out (30 min).
+    params["srun_args"] = list(SRUN_ARGS)
     return params
+
+
+def tasks_per_node(launch: dict) -> int:
+    """Processes per node: `launch.tasks_per_node`, else one per GPU, else one (a CPU node)."""
+    return launch.get("tasks_per_node") or max(launch["gpus_per_node"], 1)
 
 
 def sbatch_lines(params: dict, n_runs: int) -> list[str]:
     """The #SBATCH settings submitit writes for these parameters (printed by --dry-run)."""
-    flags = {k: v for k, v in params.items() if k not in ("array_parallelism", "additional_parameters")}
+    flags = {k: v for k, v in params.items() if k not in ("array_parallelism", "additional_parameters", "srun_args")}
     flags["signal"] = "USR2@90"  # submitit's default: USR2 90 s before the time limit -> checkpoint and requeue
     if n_runs > 1:
         flags["array"] = f"0-{n_runs - 1}%{min(n_runs, params['array_parallelism'])}"

@@ -13,7 +13,8 @@ DB_PIDFILE=/run/mysqld/mariadb.pid
 DB_PASS=conddetr-slurmdbd         # local socket only (MariaDB runs with --skip-networking)
 PACKAGES=(munge mariadb-server slurmdbd slurmctld slurmd slurm-client slurm-wlm-basic-plugins)
 
-STARTED=0 # set when `up` had to start something
+STARTED=0      # set when `up` had to start something
+CONF_CHANGED=0 # set when `up` wrote a slurm.conf that differs from the one the daemons may be running with
 
 log() { echo "[slurm_cluster] $*"; }
 
@@ -70,6 +71,8 @@ write_configs() {
   [[ -n "$mem" ]] || die "could not read RealMemory from 'slurmd -C'"
   mem=$((mem - 512))
   mkdir -p "$CONF_DIR"
+  local old=""
+  [[ -f "$CONF_DIR/slurm.conf" ]] && old=$(cat "$CONF_DIR/slurm.conf")
   cat >"$CONF_DIR/slurm.conf" <<EOF
 # Written by scripts/slurm_cluster.sh: a one-node test cluster.
 ClusterName=$CLUSTER
@@ -85,8 +88,9 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-# Without a default, a job that gives no --mem takes the whole node's memory and blocks every other job.
-DefMemPerCPU=1024
+# Without a default, a job that gives no --mem takes the whole node's memory and blocks every other job. Each CPU's
+# share of the node: 1-CPU tasks (of one job, e.g. two gloo ranks, or of several jobs) always fit side by side.
+DefMemPerCPU=$((mem / cpus))
 SchedulerType=sched/backfill
 # Pending jobs are looked at every 2-5 s (defaults 30/60 s): a requeued job restarts as soon as it may.
 SchedulerParameters=bf_interval=5,sched_interval=2
@@ -128,6 +132,7 @@ StoragePass=$DB_PASS
 StorageLoc=slurm_acct_db
 EOF
   chmod 600 "$CONF_DIR/slurmdbd.conf"
+  [[ "$(cat "$CONF_DIR/slurm.conf")" == "$old" ]] || CONF_CHANGED=1
 }
 
 start_munge() {
@@ -168,6 +173,13 @@ start_mariadb() {
 }
 
 start_slurm() {
+  if ((CONF_CHANGED)) && pid_alive "$BASE/slurmctld.pid"; then
+    # Some settings (AuthInfo, node resources) only take effect on a restart; jobs survive it (state is saved).
+    log "slurm.conf changed: restarting slurmctld and slurmd"
+    STARTED=1
+    stop_pidfile slurmd "$BASE/slurmd.pid"
+    stop_pidfile slurmctld "$BASE/slurmctld.pid"
+  fi
   if ! pid_alive "$BASE/slurmdbd.pid"; then
     log "starting slurmdbd"
     STARTED=1

@@ -1,15 +1,28 @@
-"""Shared test fixtures: the reference data in tests/fixtures and its seed-determined published weights."""
+"""Shared test fixtures: the reference data in tests/fixtures and its seed-determined published weights; every test
+leaves the process environment as it found it."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Code under test may set variables (MASTER_ADDR, CONDDETR_NUM_THREADS, ...) that monkeypatch does not track;
+    left behind, they reach every later subprocess and SLURM job of the session (sbatch exports the environment)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @functools.cache

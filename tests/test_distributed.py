@@ -1,4 +1,6 @@
-"""Two CPU processes (gloo, torchrun) give the first-step loss and gradients of one process with the same batch."""
+"""Two CPU processes (gloo, torchrun) give the first-step loss and gradients of one process with the same batch;
+the distributed environment is read from torchrun or SLURM; ranks must agree on the checkpoint they resume from.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conddetr.config import load_config
 from conddetr.engine import debug_first_step
 from conddetr.engine.distributed import DistEnv, read_dist_env
+from conddetr.engine.run import check_same_resume_point
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "experiments" / "smoke_synthetic.yaml"
@@ -87,3 +91,20 @@ def test_dist_env_reads_submitit_job_environment(monkeypatch):
         monkeypatch.setenv(key, value)
     assert read_dist_env() == DistEnv(rank=1, world_size=2, local_rank=1, source="submitit")
     assert os.environ["MASTER_ADDR"] == "node7" and os.environ["MASTER_PORT"] == str(20000 + 4321)
+    # sbatch exports the submitting shell's environment: a process group of its own there is not this job's.
+    inherited = {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "login2", "MASTER_PORT": "29500"}
+    for key, value in inherited.items():
+        monkeypatch.setenv(key, value)
+    assert read_dist_env() == DistEnv(rank=1, world_size=2, local_rank=1, source="submitit")
+    assert os.environ["MASTER_ADDR"] == "node7" and os.environ["MASTER_PORT"] == str(20000 + 4321)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun started inside the job: its variables count
+    assert read_dist_env() == DistEnv(rank=5, world_size=8, local_rank=0, source="torchrun")
+
+
+def test_ranks_that_see_different_checkpoints_fail_alike():
+    check_same_resume_point([("checkpoint.pth", 11), ("checkpoint.pth", 11)])
+    check_same_resume_point([None, None])  # a fresh start everywhere
+    with pytest.raises(RuntimeError, match="rank 0: checkpoint.pth at global step 11; rank 1: none"):
+        check_same_resume_point([("checkpoint.pth", 11), None])
+    with pytest.raises(RuntimeError, match="rank 1: checkpoint_prev.pth at global step 8"):
+        check_same_resume_point([("checkpoint.pth", 11), ("checkpoint_prev.pth", 8)])

@@ -94,12 +94,30 @@ def test_sbatch_parameters_from_launch_section():
         "job_name": "conddetr_r50", "nodes": 2, "ntasks_per_node": 8, "cpus_per_task": 10, "mem": "240GB",
         "time": 2880, "array_parallelism": 4, "gpus_per_node": 8, "partition": "gpu", "account": "vision",
         "constraint": "volta32gb", "additional_parameters": {"exclude": "node7"},
+        "srun_args": ["--kill-on-bad-exit=1"],  # a dead task ends the step instead of leaving peers in a collective
     }  # fmt: skip
     lines = launcher.sbatch_lines(params, n_runs=6)
     assert "#SBATCH --array=0-5%4" in lines and "#SBATCH --exclude=node7" in lines
     assert "#SBATCH --gpus-per-node=8" in lines and "#SBATCH --ntasks-per-node=8" in lines
     cpu = launcher.sbatch_parameters({**launch, "gpus_per_node": 0, "extra_sbatch": {}}, name="x")
     assert cpu["ntasks_per_node"] == 1 and "gpus_per_node" not in cpu and "additional_parameters" not in cpu
+    cpu2 = launcher.sbatch_parameters({**launch, "gpus_per_node": 0, "tasks_per_node": 2}, name="x")
+    assert cpu2["ntasks_per_node"] == 2 and "gpus_per_node" not in cpu2
+
+
+def test_tasks_per_node_reaches_sbatch_and_local_runs(capsys):
+    assert main([SMOKE, "launch.tasks_per_node=2", "launch.cpus_per_task=1", "--cluster", "slurm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --ntasks-per-node=2" in out and "gpus-per-node" not in out
+    assert "srun --kill-on-bad-exit=1" in out
+    assert main([SMOKE, "launch.tasks_per_node=2", "--cluster", "local", "--dry-run"]) == 0
+    assert "--nproc-per-node=2" in capsys.readouterr().out  # gloo processes through torchrun
+    assert main([SMOKE, "launch.tasks_per_node=2", "--cluster", "debug", "--dry-run"]) == 2
+    assert "launch.tasks_per_node" in capsys.readouterr().err
+    # More processes than GPUs: each process takes the GPU of its local rank, so this cannot run.
+    assert main([SMOKE, "launch.gpus_per_node=2", "launch.tasks_per_node=4", "--dry-run", "--cluster", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert "launch.tasks_per_node=4" in err and "launch.gpus_per_node=2" in err
 
 
 def test_launch_overrides_reach_sbatch(capsys):
@@ -223,3 +241,35 @@ def test_metrics_values_survive_the_status_round_trip(tmp_path):
     launcher.write_record(run, cluster="local", job_id="local-2", state="RUNNING")
     (s,) = collect_status(run)
     torch.testing.assert_close(torch.tensor([s.epoch, s.val_ap]), torch.tensor([3.0, float(aps[-1])]))
+
+
+def test_status_names_the_rank_that_died_first(tmp_path):
+    """A 2-task job: rank 1 SIGKILLed, then rank 0 failed in a collective; an earlier start left its own lines.
+
+    The job id is one no test cluster gives out (the record's own state counts, not sacct's)."""
+    run = tmp_path / "r"
+    logs = run / launcher.SUBMITIT_DIR
+    logs.mkdir(parents=True)
+    launcher.write_record(run, cluster="slurm", job_id="987655_1", state="FAILED", submitit_folder=str(logs))
+    earlier = "srun: error: vm: task 0: Exited with exit code 255\nsrun: error: vm: task 1: Killed\n"  # the requeue
+    rank0 = "[rank0]: RuntimeError: [gloo] Read error: Connection reset by peer\n"
+    srun = "srun: error: vm: task 1: Killed\nsrun: error: vm: task 0: Exited with exit code 1\n"
+    start = f"{launcher.START_MARKER}: rank 0 on vm\n"
+    (logs / "987655_1_0_log.err").write_text(start + earlier + start + rank0 + srun)
+    (logs / "987655_1_1_log.err").write_text(f"{launcher.START_MARKER}: rank 1 on vm\n")
+    (run / launcher.ERROR_FILE).write_text("RuntimeError: [gloo] Read error: Connection reset by peer\n")
+    (row,) = collect_status(run)
+    assert row.error == "rank 1 on vm: Killed"
+    # A rank other than 0 raised: its own exception line, from its own log.
+    (logs / "987655_1_0_log.err").write_text(start + "srun: error: vm: task 1: Exited with exit code 1\n")
+    (logs / "987655_1_1_log.err").write_text("Traceback (most recent call last):\nOSError: image 7 is truncated\n")
+    (row,) = collect_status(run)
+    assert row.error == "rank 1 on vm: OSError: image 7 is truncated"
+    # Every rank failed alike (or only rank 0): rank 0's error.txt says why.
+    (logs / "987655_1_0_log.err").write_text(start + "srun: error: vm: tasks 0-1: Exited with exit code 1\n")
+    (run / launcher.ERROR_FILE).write_text("DatasetError: no train images\n")
+    (row,) = collect_status(run)
+    assert row.error == "DatasetError: no train images"
+    (run / launcher.ERROR_FILE).unlink()
+    (row,) = collect_status(run)
+    assert row.error == "ranks 0-1 on vm: Exited with exit code 1"

@@ -126,3 +126,26 @@ def test_plain_run_sigterm_sets_the_flag_and_handlers_come_back(monkeypatch):
         assert stop.is_set()
         raise TrainingInterrupted("stopped")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_rank_stopped_by_another_ranks_signal_still_requeues(fake_submitit):
+    # The stop reached this rank (rank 0 here) only through the per-step all-reduce: SLURM's USR2 landed on another
+    # rank just after this one's poll. Rank 0 must still requeue, or the whole job would fail on TrainingInterrupted.
+    with pytest.raises(SystemExit), preempt.watch():
+        raise TrainingInterrupted("another rank's signal stopped the step")
+    assert fake_submitit == [signal.SIGUSR2]
+
+
+def test_non_main_rank_waits_for_the_requeue_instead_of_failing_the_job(monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    calls, waits = [], []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # submitit, rank > 0
+    monkeypatch.setattr(preempt.time, "sleep", waits.append)
+    try:
+        with pytest.raises(TrainingInterrupted), preempt.watch() as stop:
+            with stop.training():
+                os.kill(os.getpid(), signal.SIGUSR2)
+            raise TrainingInterrupted("saved at the step boundary")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [signal.SIGUSR2] and waits == [preempt.NON_MAIN_WAIT_S]

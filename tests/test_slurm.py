@@ -4,20 +4,18 @@ task in it, and a preempted job that requeues and ends with the same metrics as 
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import submitit
 import torch
+from slurm_jobs import assert_same_metrics, finished, last_step, metrics, record, sacct_states, wait, wandb_ids
 
 from conddetr import launcher
 from conddetr.launch_cli import main
-from conddetr.launch_status import ACTIVE_STATES, collect_status
+from conddetr.launch_status import collect_status
 
 pytestmark = [
     pytest.mark.slurm,
@@ -28,7 +26,6 @@ pytestmark = [
 ]
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "experiments" / "smoke_synthetic.yaml")
-TIMEOUT_S = 240  # per wait; the whole module takes ~1-2 minutes on 2 idle cores
 # 1 CPU per job: two jobs share the 2-core test node. 3 epochs of 8 steps (16 images, batch 2) leave time to
 # preempt in the middle of epoch 2.
 STEPS_PER_EPOCH = 8
@@ -40,41 +37,6 @@ COMMON = [
     "launch.mem_gb=2",
     "tracking.wandb_mode=offline",
 ]
-
-
-def _wait(predicate, what: str, timeout: float = TIMEOUT_S, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    squeue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\nsqueue:\n{squeue}")
-
-
-def _finished(run_dir: Path) -> bool:
-    (row,) = collect_status(run_dir)
-    return row.state not in (*ACTIVE_STATES, "UNKNOWN")
-
-
-def _record(run_dir: Path) -> dict:
-    return json.loads((run_dir / launcher.LAUNCH_RECORD).read_text())
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
-
-
-def _wandb_ids(run_dir: Path) -> list[str]:
-    # Offline runs are folders `offline-run-<date>_<time>-<id>[-segNNN]`; one per (re)start of the job.
-    return [p.name.split("-")[3] for p in sorted((run_dir / "wandb").glob("offline-run-*")) if p.is_dir()]
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +58,10 @@ def submitted(tmp_path_factory):
     runs = {name: sweep_dir / name for name in ("lr0.0001", "lr0.0002", "dataset-coco_root-nonexistent-coco")}
     # Preempt once epoch 2 has logged its first step: the signal then lands among its training steps, and the job
     # must save where it is (a mid-epoch checkpoint) before requeueing.
-    _wait(lambda: (requeue_dir / "checkpoint.pth").is_file(), "the first checkpoint")
-    _wait(lambda: _last_step(requeue_dir) > STEPS_PER_EPOCH, "epoch 2's first step", poll=0.02)
-    assert not _finished(requeue_dir), "the job ended before it could be preempted: give it more epochs"
-    job_id = _record(requeue_dir)["job_id"]
+    wait(lambda: (requeue_dir / "checkpoint.pth").is_file(), "the first checkpoint")
+    wait(lambda: last_step(requeue_dir) > STEPS_PER_EPOCH, "epoch 2's first step", poll=0.02)
+    assert not finished(requeue_dir), "the job ended before it could be preempted: give it more epochs"
+    job_id = record(requeue_dir)["job_id"]
     submitit.SlurmJob(folder=requeue_dir / launcher.SUBMITIT_DIR, job_id=job_id)._interrupt()  # SIGTERM, then USR2
     return {"requeue": requeue_dir, "sweep_dir": sweep_dir, **runs}
 
@@ -107,26 +69,26 @@ def submitted(tmp_path_factory):
 def test_sweep_is_one_array_and_completes(submitted, capsys):
     good = [submitted["lr0.0001"], submitted["lr0.0002"]]
     bad = submitted["dataset-coco_root-nonexistent-coco"]
-    ids = [_record(d)["job_id"] for d in [*good, bad]]
+    ids = [record(d)["job_id"] for d in [*good, bad]]
     array_id = ids[0].split("_")[0]
     assert ids == [f"{array_id}_0", f"{array_id}_1", f"{array_id}_2"]
     for run_dir in good:
-        _wait(lambda d=run_dir: _finished(d), f"{run_dir.name} to finish")
+        wait(lambda d=run_dir: finished(d), f"{run_dir.name} to finish")
         for name in ("config.yaml", "metrics.jsonl", "checkpoint.pth"):
             assert (run_dir / name).is_file(), f"{run_dir.name}: {name}"
-        assert len(_wandb_ids(run_dir)) == 1, f"{run_dir.name}: expected one W&B offline run"
-        assert (run_dir / launcher.SUBMITIT_DIR).resolve() == Path(_record(run_dir)["submitit_folder"])
-    _wait(lambda: _finished(bad), "the failing task to finish")
+        assert len(wandb_ids(run_dir)) == 1, f"{run_dir.name}: expected one W&B offline run"
+        assert (run_dir / launcher.SUBMITIT_DIR).resolve() == Path(record(run_dir)["submitit_folder"])
+    wait(lambda: finished(bad), "the failing task to finish")
     assert main(["status", str(submitted["sweep_dir"])]) == 0
     table = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
     for run_dir in good:
-        ap = [r["val/AP"] for r in _metrics(run_dir) if "val/AP" in r][-1]
-        assert table[run_dir.name][1:6] == ["slurm", _record(run_dir)["job_id"], "COMPLETED", "3.00", f"{ap:.4f}"]
+        ap = [r["val/AP"] for r in metrics(run_dir) if "val/AP" in r][-1]
+        assert table[run_dir.name][1:6] == ["slurm", record(run_dir)["job_id"], "COMPLETED", "3.00", f"{ap:.4f}"]
 
 
 def test_failed_task_reports_its_error_and_spares_the_array(submitted):
     bad = submitted["dataset-coco_root-nonexistent-coco"]
-    _wait(lambda: _finished(bad), "the failing task to finish")
+    wait(lambda: finished(bad), "the failing task to finish")
     rows = {r.run: r for r in collect_status(submitted["sweep_dir"])}
     row = rows[bad.name]
     first_line = (bad / launcher.ERROR_FILE).read_text().splitlines()[0]
@@ -135,17 +97,16 @@ def test_failed_task_reports_its_error_and_spares_the_array(submitted):
     # The same line is what the job printed last in its submitit log.
     assert first_line.split(": ", 1)[1] in (bad / launcher.SUBMITIT_DIR / f"{row.job_id}_0_log.err").read_text()
     for name in ("lr0.0001", "lr0.0002"):
-        _wait(lambda n=name: _finished(submitted[n]), f"{name} to finish")
+        wait(lambda n=name: finished(submitted[n]), f"{name} to finish")
     rows = {r.run: r for r in collect_status(submitted["sweep_dir"])}
     assert [rows[n].state for n in ("lr0.0001", "lr0.0002")] == ["COMPLETED", "COMPLETED"]
 
 
 def test_preempted_job_requeues_and_matches_an_uninterrupted_run(submitted):
     run_dir = submitted["requeue"]
-    job_id = _record(run_dir)["job_id"]  # preempted by the fixture after its first epoch
-    _wait(lambda: _finished(run_dir), "the requeued job to finish")
-    sacct = ["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "State"]
-    states = subprocess.run(sacct, capture_output=True, text=True, check=True).stdout.split()
+    job_id = record(run_dir)["job_id"]  # preempted by the fixture after its first epoch
+    wait(lambda: finished(run_dir), "the requeued job to finish")
+    states = sacct_states(job_id)
     assert states == ["REQUEUED", "COMPLETED"], states
     log = (run_dir / "train.log").read_text()
     # USR2 came during epoch 2's steps: the job saved at the next step boundary, and the requeued job went on there.
@@ -154,17 +115,12 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(submitted):
     assert len(saved) == 1 and resumed == [("2", *saved[0])], (saved, resumed)
     assert 0 < int(saved[0][0]) and int(saved[0][1]) > STEPS_PER_EPOCH  # past the epoch-boundary checkpoint
     # Same run folder and same W&B run, one offline segment per start of the job.
-    ids = _wandb_ids(run_dir)
+    ids = wandb_ids(run_dir)
     assert len(ids) == 2 and ids[0] == ids[1], ids
     state = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert state["wandb_run_id"] == ids[0]
 
     reference = submitted["lr0.0001"]  # same spec and overrides, never interrupted
-    _wait(lambda: _finished(reference), "the uninterrupted run to finish")
-    got, want = _metrics(run_dir), _metrics(reference)
-    assert [sorted(r) for r in got] == [sorted(r) for r in want]
-    keys = sorted(set().union(*want))
-    table = [[[float(r.get(k, float("nan"))) for k in keys] for r in rows] for rows in (got, want)]
+    wait(lambda: finished(reference), "the uninterrupted run to finish")
     # Exact: both jobs run with one thread (CONDDETR_NUM_THREADS), so the resumed run is bit-identical.
-    got_t, want_t = torch.tensor(table[0], dtype=torch.float64), torch.tensor(table[1], dtype=torch.float64)
-    torch.testing.assert_close(got_t, want_t, rtol=0, atol=0, equal_nan=True)
+    assert_same_metrics(metrics(run_dir), metrics(reference))

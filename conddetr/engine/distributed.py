@@ -32,25 +32,43 @@ class DistEnv:
 
 
 def read_dist_env() -> DistEnv:
-    """Where this process sits in the job: torchrun's variables win, then submitit's JobEnvironment, else single."""
+    """Where this process sits in the job: torchrun's variables, then submitit's JobEnvironment (SLURM), else single.
+
+    A SLURM job inherits the submitting shell's environment (sbatch exports it): RANK or MASTER_ADDR found there
+    describe some other process group. In a submitit SLURM job only a torchrun started inside the job counts, and
+    the rendezvous always comes from the job's own allocation (a stale MASTER_ADDR would hang every rank).
+    """
+    in_slurm_job = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return DistEnv(
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-            source="torchrun",
-        )
+        if not in_slurm_job or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun sets it in its workers
+            return DistEnv(
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                source="torchrun",
+            )
+        log.warning("ignoring RANK/WORLD_SIZE inherited from the submitting environment: SLURM gives the ranks")
     if os.environ.get("SUBMITIT_EXECUTOR"):
         import submitit
 
         job = submitit.JobEnvironment()
-        if job.num_tasks > 1:
-            # torch's env:// rendezvous reads these; the launcher may have set them already (port from the job id).
-            os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
-            digits = "".join(c for c in job.job_id if c.isdigit()) or "0"
-            os.environ.setdefault("MASTER_PORT", str(20000 + int(digits) % 10000))
+        if in_slurm_job and job.num_tasks > 1:
+            set_slurm_rendezvous(job.hostnames[0])
         return DistEnv(job.global_rank, job.num_tasks, job.local_rank, source="submitit")
     return DistEnv()
+
+
+def set_slurm_rendezvous(first_node: str) -> None:
+    """MASTER_ADDR/PORT of a multi-task SLURM job: its first node, and a port derived from the job id.
+
+    The raw SLURM_JOB_ID is unique per array task, so two jobs sharing a node never pick the same port, and a
+    requeued job (same id) finds its ranks again on the same port.
+    """
+    wanted = {"MASTER_ADDR": first_node, "MASTER_PORT": str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)}
+    for key, value in wanted.items():
+        if os.environ.get(key, value) != value:
+            log.warning("%s=%s inherited from the submitting environment replaced by %s", key, os.environ[key], value)
+        os.environ[key] = value
 
 
 def resolve_device(name: str, env: DistEnv) -> torch.device:

@@ -39,6 +39,7 @@ class StopRequest:
         self.flag = threading.Event()
         self.in_training = False
         self.deferred: tuple[Callable, int] | None = None  # submitit's handler and the signal it must see
+        self.submitit_handler: Callable | None = None  # set under submitit: what a stop hands over to
 
     def is_set(self) -> bool:
         return self.flag.is_set()
@@ -57,6 +58,8 @@ class StopRequest:
         self.flag.set()
 
     def make_submitit_handler(self, submitit_handler: Callable) -> Callable:
+        self.submitit_handler = submitit_handler
+
         def handler(signum: int, frame) -> None:
             if self.deferred is not None:
                 log.warning("received %s again: already stopping", signal.Signals(signum).name)
@@ -72,13 +75,21 @@ class StopRequest:
         return handler
 
     def hand_over(self) -> None:
-        """After the stop checkpoint: run submitit's handler (requeue and exit on rank 0) if a signal was deferred."""
+        """After the stop checkpoint: under submitit, run its handler (rank 0 requeues and exits; others wait).
+
+        Every rank gets here at the same step (the stop travels in the per-step all-reduce), but not every rank
+        need have seen the signal itself: SLURM signals the tasks one by one, and one may land just after a rank's
+        last poll. Under submitit only its USR2 can stop training, so the job is requeued either way; rank 0 must
+        do it even when the signal that stopped the job reached another rank (it would otherwise fail the job).
+        """
+        if self.submitit_handler is None:
+            return  # plain run: TrainingInterrupted goes up (exit 143)
         if self.deferred is None:
-            return
-        submitit_handler, signum = self.deferred
-        submitit_handler(signum, None)  # rank 0: checkpoint() -> requeue -> sys.exit; raises if not requeued
-        # Other ranks return from it (submitit never exits them, that could take the job down before the requeue):
-        # wait to be ended by the requeue, as they were before this hand-over existed.
+            log.warning("stopping with the other ranks: the preemption / timeout signal reached another rank first")
+        signum = self.deferred[1] if self.deferred is not None else SUBMITIT_SIGNAL
+        self.submitit_handler(signum, None)  # rank 0: checkpoint() -> requeue -> sys.exit; raises if not requeued
+        # Other ranks return from it: submitit never exits them, as a task that ends before rank 0 has requeued
+        # could take the job down with it (srun --kill-on-bad-exit). The requeue (or rank 0's failure) ends them.
         log.info("waiting up to %.0f s for rank 0's requeue to end this task", NON_MAIN_WAIT_S)
         time.sleep(NON_MAIN_WAIT_S)
 

@@ -117,11 +117,14 @@ def _run(cfg, env: DistEnv, device: torch.device) -> dict:
 def _run_logged(cfg, env: DistEnv, device: torch.device, run_dir: Path) -> dict:
     from conddetr.config import config_to_dict, save_config
 
+    log.info("rank %d of %d (%s) on %s; conddetr from %s", env.rank, env.world_size, env.source, device,
+             Path(__file__).parents[1])  # fmt: skip
     seed_everything(cfg.optim.seed + env.rank)
     c = build_components(cfg, env, device)
     if cfg.eval.eval_only:
         return _eval_only(cfg, env, device, run_dir, c)
     resumed = ckpt_io.load_latest_checkpoint(run_dir)
+    check_same_resume_point(all_gather_objects(_resume_point(resumed)))
     if env.is_main:
         if resumed is not None:
             _warn_config_changes(resumed[0]["config"], config_to_dict(cfg))
@@ -303,6 +306,25 @@ def _eval_only(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Compon
         ckpt_io_path.write_text(json.dumps({"checkpoint": str(path), **out}, indent=2) + "\n")
         log.info("eval-only %s: %s", path, _fmt(out))
     return out
+
+
+def _resume_point(resumed) -> tuple[str, int] | None:
+    return None if resumed is None else (resumed[1].name, int(resumed[0]["global_step"]))
+
+
+def check_same_resume_point(per_rank: list) -> None:
+    """Every rank must resume from the same checkpoint, or the first collective mismatches and the job hangs.
+
+    Ranks read the run folder independently; on a file system that shows nodes different versions (NFS attribute
+    caching, a checkpoint written as the job stopped) they can disagree. Raised on every rank alike.
+    """
+    if len(set(per_rank)) > 1:
+        views = "; ".join(f"rank {r}: " + (f"{p[0]} at global step {p[1]}" if p else "none") for r, p in
+                          enumerate(per_rank))  # fmt: skip
+        raise RuntimeError(
+            f"the ranks see different checkpoints in the run folder ({views}): it must be on a file system that "
+            "every node sees alike; start the job again once the files agree"
+        )
 
 
 def _restore_rng(per_rank: list, env: DistEnv, device: torch.device, fallback_seed: int) -> None:
