@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench slurm-up slurm-down clean
+.PHONY: install demo test lint format bench bench-peers slurm-up slurm-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,8 +30,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Peer benchmarks needing optional packages have their own targets (bench_peers: HF transformers, `.[bench]`).
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	for f in benchmarks/bench_*.py; do [ $$f = benchmarks/bench_peers.py ] && continue; \
+		echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# Ours vs HF transformers, same process, same glibc malloc settings for both (bench_allocator.py measures those).
+bench-peers: $(STAMP)
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 $(BIN)/python benchmarks/bench_peers.py
 
 slurm-up:
 	bash scripts/slurm_cluster.sh up

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     from conddetr.engine import NonFiniteLossError, TrainingInterrupted, debug_first_step, run
 
     cfg = load_config(args.spec, args.overrides)
+    if cfg.perf.tune_malloc:
+        from conddetr.engine.allocator import tune_malloc
+
+        tune_malloc()
     if args.command == "first-step":
         loss, _ = debug_first_step(cfg, args.out)
         print(f"first-step loss {loss:.8f} written to {args.out}")
