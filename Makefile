@@ -1,10 +1,11 @@
-# Quickstart: `make demo` trains a small Conditional DETR on the built-in synthetic data; `make test` runs the suite.
+# Quickstart: `make demo` pretrains a small backbone, trains Conditional DETR and DETR on the built-in synthetic
+# data and compares them; `make test` runs the suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo docs-example test lint format bench slurm-up slurm-down clean
+.PHONY: install demo docs-example test lint format bench bench-peers slurm-up slurm-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python launch.py experiments/demo_synthetic.yaml --cluster local
+	$(BIN)/python -m conddetr demo
 
 # docs/predictions_example.png from the demo run (run `make demo` first): `predict` on its synthetic val images.
 docs-example: $(STAMP)
@@ -34,8 +35,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Peer benchmarks needing optional packages have their own targets (bench_peers: HF transformers, `.[bench]`).
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	for f in benchmarks/bench_*.py; do [ $$f = benchmarks/bench_peers.py ] && continue; \
+		echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# Ours vs HF transformers, same process, same glibc malloc settings for both (bench_allocator.py measures those).
+bench-peers: $(STAMP)
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 $(BIN)/python benchmarks/bench_peers.py
 
 slurm-up:
 	bash scripts/slurm_cluster.sh up

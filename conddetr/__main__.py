@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     from conddetr.engine import NonFiniteLossError, TrainingInterrupted, debug_first_step, run
 
     cfg = load_config(args.spec, args.overrides)
+    if cfg.perf.tune_malloc:
+        from conddetr.engine.allocator import tune_malloc
+
+        tune_malloc()
     if args.command == "pretrain-backbone":
         return _pretrain_backbone(cfg, args.force)
     if args.command == "first-step":

@@ -165,6 +165,15 @@ class PretrainConfig:
 
 
 @dataclass
+class PerfConfig:
+    # Not published: speed options. Only tf32 (and optim.amp) change numbers beyond float rounding.
+    fused_backbone: bool = True  # frozen BN folded into its conv; CPU: oneDNN fused conv+bias(+add)+ReLU (~1e-6 rel.)
+    compile: bool = False  # torch.compile the model for training and evaluation; checkpoints keep the plain module
+    tf32: bool = False  # CUDA only: TF32 matmuls and convolutions (~1e-3 relative error, faster on Ampere+)
+    tune_malloc: bool = True  # launcher: glibc mmap threshold 32 MiB, trim 256 MiB (fewer page faults on the CPU)
+
+
+@dataclass
 class Config:
     name: str = "conddetr_r50"  # experiment name: W&B group, default run folder name
     output_dir: str = "runs"  # run folders live in output_dir/<name> unless run_dir is set
@@ -180,6 +189,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 # Allowed values of the string "enum" fields (kept as str so published argparse names map one to one).

@@ -102,6 +102,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         from conddetr.engine import run  # heavy imports (torch, models) happen in the job, not in the launcher
+        from conddetr.engine.allocator import tune_malloc
 
         set_rendezvous_env()
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
@@ -114,6 +115,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             write_record(run_dir, state="RUNNING", started_at=_now())
         try:
             cfg = config_from_dict(self.config, source=f"submitted config of {run_dir}")
+            if cfg.perf.tune_malloc:
+                tune_malloc()
             metrics = run(cfg)
         except Exception as e:  # not SystemExit: submitit exits that way after a requeue
             if main:

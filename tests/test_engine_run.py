@@ -10,7 +10,7 @@ import torch
 
 import conddetr.models
 from conddetr.config import load_config
-from conddetr.engine import CHECKPOINT_NAME, NonFiniteLossError, debug_first_step, run
+from conddetr.engine import CHECKPOINT_NAME, NonFiniteLossError, debug_first_step, precision, run
 from conddetr.engine.checkpoint import load_latest_checkpoint
 from conddetr.engine.setup import model_kwargs_from_config
 from conddetr.models import build_model
@@ -137,14 +137,20 @@ def test_fresh_start_drops_stale_metrics_and_a_finished_run_is_not_retrained(cac
     assert [p.name for p in (run_dir / "results").iterdir()] == ["val_epoch001.json"]
 
 
-def test_autocast_first_step_is_close_to_float32(cache, tmp_path):
+def test_autocast_first_step_is_close_to_float32(cache, tmp_path, monkeypatch):
     common = ("model.dropout=0", "data.batch_size=2")
     ref_loss, ref = debug_first_step(tiny(cache, tmp_path / "fp32", *common))
+    # bf16 autocast runs on CPUs with native bf16 kernels; pretend this one has them so the path runs here too.
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
     for amp in ("bf16", "fp16"):
         loss, grads = debug_first_step(tiny(cache, tmp_path / amp, *common, f"optim.amp={amp}"))
         assert loss != ref_loss  # autocast really ran in low precision
         torch.testing.assert_close(loss, ref_loss, rtol=5e-3, atol=0)
         assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16 kernels"):
+        loss, _ = debug_first_step(tiny(cache, tmp_path / "bf16_fallback", *common, "optim.amp=bf16"))
+    assert loss == ref_loss  # float32: the same step exactly
 
 
 def test_eval_only_of_a_released_dc5_checkpoint_warns_about_the_batch_size(cache, tmp_path):

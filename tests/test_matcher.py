@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from scipy.optimize import linear_sum_assignment
 from torch.testing import assert_close
 
 from conddetr.models.box_ops import box_cxcywh_to_xyxy
@@ -151,3 +152,43 @@ def test_matcher_rejects_bad_input():
         HungarianMatcher("focal")(outputs, targets)
     with pytest.raises(ValueError, match="1 targets for a batch of 2"):
         HungarianMatcher("focal")(outputs, targets[:1])
+
+
+def _scipy_indices(logits, boxes, labels, tgt_boxes, class_cost, weights):
+    """One image alone, in the published layout (class cost over all classes, then the target columns)."""
+    w_class, w_bbox, w_giou = weights
+    if class_cost == "focal":
+        prob = logits.sigmoid()
+        cost_class = (0.25 * (1 - prob) ** 2 * -(prob + 1e-8).log() - 0.75 * prob**2 * -(1 - prob + 1e-8).log())[
+            :, labels
+        ]
+    else:
+        cost_class = -logits.softmax(-1)[:, labels]
+    giou = torchvision.ops.generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+    cost = w_bbox * torch.cdist(boxes, tgt_boxes, p=1) + w_class * cost_class - w_giou * giou
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return cost, torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+
+
+def test_batched_matching_equals_scipy_per_image_on_50_random_cases():
+    gen = torch.Generator().manual_seed(5)
+    weights = (2.0, 5.0, 2.0)
+    for case in range(50):
+        class_cost = ("focal", "softmax")[case % 2]
+        batch, num_queries = (
+            int(torch.randint(1, 6, (1,), generator=gen)),
+            int(torch.randint(1, 60, (1,), generator=gen)),
+        )
+        counts = [int(torch.randint(0, 15, (1,), generator=gen)) for _ in range(batch)]
+        classes = 9 if class_cost == "focal" else 10  # softmax: 9 classes + no-object
+        outputs, targets = _random_case(gen, batch, num_queries, classes, counts)
+        for t in targets:
+            t["labels"] = t["labels"].clamp(max=8)
+        matcher = HungarianMatcher(class_cost, *weights)
+        got, costs = matcher(outputs, targets), matcher.cost_matrices(outputs, targets)
+        for b, t in enumerate(targets):
+            cost, rows, cols = _scipy_indices(
+                outputs["pred_logits"][b], outputs["pred_boxes"][b], t["labels"], t["boxes"], class_cost, weights
+            )
+            assert_close(costs[b], cost, rtol=0, atol=1e-5)
+            _assert_indices_equal([got[b]], [(rows, cols)])

@@ -24,7 +24,15 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, *, lr: float, lr_backbone: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, lr, lr_backbone), lr=lr, weight_decay=weight_decay)
+    """AdamW, fused (one kernel per parameter instead of a dozen; same update rule) where torch has that kernel for
+    every parameter's device: CUDA and, from torch 2.4, the CPU."""
+    groups = param_groups(model, lr, lr_backbone)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
+    try:
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    except RuntimeError:  # an older torch without the CPU kernel
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, *, lr_drop_epoch: int) -> torch.optim.lr_scheduler.StepLR:

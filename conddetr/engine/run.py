@@ -34,11 +34,11 @@ from conddetr.engine.distributed import (
 from conddetr.engine.loop import StepConfig, evaluate, forward_backward, progress_enabled, train_one_epoch
 from conddetr.engine.media import log_val_media
 from conddetr.engine.optim import build_lr_scheduler, build_optimizer
+from conddetr.engine.precision import autocast_dtype, maybe_compile, set_tf32
 from conddetr.engine.preempt import watch as watch_stop_requests
 from conddetr.engine.setup import Components, build_components, wrap_ddp
 
 log = logging.getLogger(__name__)
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run(cfg) -> dict:
@@ -46,6 +46,7 @@ def run(cfg) -> dict:
     env = read_dist_env()
     device = resolve_device(cfg.device, env)
     _set_threads()
+    set_tf32(cfg.perf.tf32, device)
     init_process_group(env, device)
     try:
         return _run(cfg, env, device)
@@ -66,6 +67,7 @@ def debug_first_step(cfg, out: str | Path | None = None) -> tuple[float, dict[st
     env = read_dist_env()
     device = resolve_device(cfg.device, env)
     _set_threads()
+    set_tf32(cfg.perf.tf32, device)
     init_process_group(env, device)
     try:
         seed_everything(cfg.optim.seed + env.rank)
@@ -80,7 +82,7 @@ def debug_first_step(cfg, out: str | Path | None = None) -> tuple[float, dict[st
             micro.append(collate([c.val_ds[i] for i in range(first, first + bs)]))
         model.train()
         c.criterion.train()
-        step_cfg = StepConfig(cfg.model.variant, accum, cfg.optim.clip_max_norm, AMP_DTYPES[cfg.optim.amp])
+        step_cfg = StepConfig(cfg.model.variant, accum, cfg.optim.clip_max_norm, autocast_dtype(cfg.optim.amp, device))
         names, terms = forward_backward(model, c.criterion, micro, device=device, cfg=step_cfg)
         terms = all_reduce_mean(terms.cpu())
         grads = {n: p.grad.detach().cpu().clone() for n, p in c.model.named_parameters() if p.grad is not None}
@@ -164,6 +166,7 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
     model = c.model
     if env.distributed:
         model = wrap_ddp(c.model, cfg, device)
+    model = maybe_compile(model, cfg.perf.compile)
     if env.is_main:
         # Lines logged after the checkpoint we resume from (or all, on a fresh start) belong to lost work.
         truncate_metrics_after(run_dir, global_step)
@@ -182,7 +185,9 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
     )
     if rng is not None:
         _restore_rng(rng, env, device, cfg.optim.seed + env.rank + start_epoch)
-    step_cfg = StepConfig(cfg.model.variant, o.accum_steps, o.clip_max_norm, AMP_DTYPES[o.amp], t.log_every_steps)
+    step_cfg = StepConfig(
+        cfg.model.variant, o.accum_steps, o.clip_max_norm, autocast_dtype(o.amp, device), t.log_every_steps
+    )
     show, why = progress_enabled(env.is_main)
     log.info("progress bars %s (%s)", "on" if show else "off", why)
     images_per_step = cfg.data.batch_size * env.world_size * o.accum_steps
@@ -251,7 +256,7 @@ def _train(cfg, env: DistEnv, device: torch.device, run_dir: Path, c: Components
                 tracker.log(metrics, step=global_step, epoch=float(epoch + 1))
                 if stats is not None:  # pictures of this evaluation, through the tracker (W&B only)
                     log_val_media(tracker, c, t.log_images, stats, step=global_step, epoch=float(epoch + 1),
-                                  device=device, amp_dtype=AMP_DTYPES[o.amp])  # fmt: skip
+                                  device=device, amp_dtype=step_cfg.amp_dtype)  # fmt: skip
                 log.info("epoch %d/%d done (step %d): %s", epoch + 1, o.epochs, global_step, _fmt(metrics))
                 save(epoch, global_step, None)
         finally:
@@ -270,8 +275,10 @@ def _evaluate(cfg, env: DistEnv, device: torch.device, c: Components, results_pa
 
     evaluator = CocoEvaluator(c.val_ds.coco, c.info.label_to_category)
     show, _ = progress_enabled(env.is_main)
-    evaluate(c.model, c.postprocessor, c.val_loader, evaluator, device=device, amp_dtype=AMP_DTYPES[cfg.optim.amp],
-             show_progress=show)  # fmt: skip
+    if c.eval_model is None:  # compiled once per run, not per evaluation
+        c.eval_model = maybe_compile(c.model, cfg.perf.compile)
+    evaluate(c.eval_model, c.postprocessor, c.val_loader, evaluator, device=device,
+             amp_dtype=autocast_dtype(cfg.optim.amp, device), show_progress=show)  # fmt: skip
     stats = {k: float(v) for k, v in evaluator.summarize().items()}
     if cfg.eval.per_category_ap:
         from conddetr.engine.evaluator import format_per_category_table

@@ -61,6 +61,7 @@ class Components:
     criterion: torch.nn.Module
     postprocessor: object
     model_kwargs: dict
+    eval_model: torch.nn.Module | None = None  # the model evaluation calls (torch.compile'd with perf.compile)
 
     def export_state_dict(self) -> dict:
         from conddetr.models.published import export_published_state_dict
@@ -84,7 +85,9 @@ def build_components(cfg, env: DistEnv, device: torch.device) -> Components:
         log.info("model.num_classes = %d (from the config)", m.num_classes)
     num_classes = m.num_classes if m.num_classes is not None else info.num_classes
     model_kwargs = model_kwargs_from_config(cfg, num_classes)
-    model = build_model(m.variant, pretrained_backbone=backbone_weights(cfg), **model_kwargs).to(device)
+    model = build_model(
+        m.variant, pretrained_backbone=backbone_weights(cfg), fused_backbone=cfg.perf.fused_backbone, **model_kwargs
+    ).to(device)
     loss = cfg.loss
     criterion = build_criterion(
         m.variant, num_classes=num_classes, set_cost_class=loss.set_cost_class, set_cost_bbox=loss.set_cost_bbox,

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from conddetr.models.fast_trunk import FoldedWeights, trunk_forward
+
 # Output channels of layer1..layer4 per ResNet: basic blocks (18/34) or bottlenecks (50/101).
 STAGE_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
@@ -59,6 +61,7 @@ class ResNetBody(nn.Module):
     published: it is for backbones trained from scratch, whose identity-initialised frozen BN barely learns.
     `last_stage` 4 is published; 2 (stride 8) or 3 (stride 16) stop the trunk early (not published): a finer
     feature map for small images, where layer4's stride 32 leaves only a few tokens.
+    `fused` (frozen_bn only) runs the trunk through fast_trunk.py: same modules and numbers to float rounding.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class ResNetBody(nn.Module):
         pretrained_path: str | None = None,
         norm: str = "frozen_bn",
         last_stage: int = 4,
+        fused: bool = True,
     ):
         super().__init__()
         if last_stage not in (2, 3, 4):
@@ -88,6 +92,9 @@ class ResNetBody(nn.Module):
         self.body = nn.Sequential(OrderedDict((n, getattr(resnet, n)) for n in trunk))
         if pretrained_path is not None:
             load_torchvision_weights(self.body, pretrained_path)
+        # Frozen norms folded into their convolutions, fused kernels (fast_trunk.py); False: the plain modules.
+        self.fast = fused and norm == "frozen_bn"
+        self._folded = FoldedWeights()
         self.num_channels = STAGE_CHANNELS[name][last_stage - 1]
         self.stride = 2 ** (last_stage + 1) // (2 if dilation else 1)
         for pname, p in self.body.named_parameters():
@@ -100,7 +107,10 @@ class ResNetBody(nn.Module):
         The mask is downsampled by nearest interpolation (h = ceil(H / stride)); nearest sampling reads pixel
         (0, 0) for feature cell (0, 0), so every image keeps at least one valid cell whatever its size.
         """
-        feature = self.body(images)  # [B, C, h, w]
+        if self.fast:
+            feature = trunk_forward(self.body, images, self._folded)  # [B, C, h, w] channels_last
+        else:
+            feature = self.body(images)  # [B, C, h, w]
         small_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]  # [B, h, w]
         return feature, small_mask
 

@@ -32,12 +32,17 @@ def box_area(boxes: Tensor) -> Tensor:
     return wh[..., 0] * wh[..., 1]
 
 
+def _overlap(lo1: Tensor, hi1: Tensor, lo2: Tensor, hi2: Tensor) -> Tensor:
+    """Length of the intersection of the intervals [lo1, hi1] and [lo2, hi2], 0 when they are apart."""
+    return (torch.minimum(hi1, hi2) - torch.maximum(lo1, lo2)).clamp(min=0)
+
+
 def _iou_and_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     """IoU and union of xyxy boxes that broadcast against each other (`[..., 4]` each)."""
-    top_left = torch.maximum(boxes1[..., :2], boxes2[..., :2])  # [..., 2]
-    bottom_right = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])  # [..., 2]
-    wh = (bottom_right - top_left).clamp(min=0)  # [..., 2]
-    inter = wh[..., 0] * wh[..., 1]  # [...]
+    # One coordinate at a time: ops on (x, y) pairs would run pairwise grids with a 2-long innermost loop.
+    x0a, y0a, x1a, y1a = boxes1.unbind(-1)
+    x0b, y0b, x1b, y1b = boxes2.unbind(-1)
+    inter = _overlap(x0a, x1a, x0b, x1b) * _overlap(y0a, y1a, y0b, y1b)  # [...]
     union = box_area(boxes1) + box_area(boxes2) - inter  # [...]
     return inter / union.clamp(min=AREA_EPS), union
 
@@ -45,10 +50,11 @@ def _iou_and_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
 def _generalized_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """GIoU (Rezatofighi et al. 2019) of xyxy boxes that broadcast against each other."""
     iou, union = _iou_and_union(boxes1, boxes2)
-    top_left = torch.minimum(boxes1[..., :2], boxes2[..., :2])  # [..., 2]
-    bottom_right = torch.maximum(boxes1[..., 2:], boxes2[..., 2:])  # [..., 2]
-    wh = (bottom_right - top_left).clamp(min=0)  # [..., 2]
-    enclosing = (wh[..., 0] * wh[..., 1]).clamp(min=AREA_EPS)  # [...]
+    x0a, y0a, x1a, y1a = boxes1.unbind(-1)
+    x0b, y0b, x1b, y1b = boxes2.unbind(-1)
+    width = (torch.maximum(x1a, x1b) - torch.minimum(x0a, x0b)).clamp(min=0)  # [...] enclosing box
+    height = (torch.maximum(y1a, y1b) - torch.minimum(y0a, y0b)).clamp(min=0)
+    enclosing = (width * height).clamp(min=AREA_EPS)
     return iou - (enclosing - union) / enclosing
 
 
@@ -58,8 +64,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise generalised IoU of xyxy boxes `[N, 4]` x `[M, 4]` -> `[N, M]`, in [-1, 1]."""
-    return _generalized_iou(boxes1[:, None, :], boxes2[None, :, :])
+    """Pairwise generalised IoU of xyxy boxes `[..., N, 4]` x `[..., M, 4]` -> `[..., N, M]`, in [-1, 1]; leading
+    dims (e.g. a batch of images) pair up."""
+    return _generalized_iou(boxes1[..., :, None, :], boxes2[..., None, :, :])
 
 
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

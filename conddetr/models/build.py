@@ -31,6 +31,7 @@ def build_model(
     pretrained_backbone: str | None = None,
     backbone_norm: str = "frozen_bn",
     backbone_stage: int = 4,
+    fused_backbone: bool = True,
 ) -> Detector:
     """Build Conditional DETR (`variant="conditional"`) or DETR (`"detr"`) with the published key layout.
 
@@ -40,6 +41,8 @@ def build_model(
     local torchvision ResNet file (never downloaded). backbone_norm "frozen_bn" is published; "batch_norm"
     (trainable; not loadable from released checkpoints) is for backbones trained from scratch. backbone_stage 4 is
     published; 2 or 3 (not published) take the features after layer2 / layer3 (stride 8 / 16) for small images.
+    fused_backbone (not published; speed only) runs a frozen-BN trunk with each norm folded into its convolution
+    and fused kernels (models/fast_trunk.py; same parameters and state dict, outputs equal to float rounding).
     hidden_dim must be even and divisible by nheads.
     """
     if hidden_dim % 2 or hidden_dim % nheads:
@@ -59,7 +62,7 @@ def build_model(
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     body = ResNetBody(
         backbone, lr_backbone > 0, dilation, pretrained_path=pretrained_backbone, norm=backbone_norm,
-        last_stage=backbone_stage,
+        last_stage=backbone_stage, fused=fused_backbone,
     )  # fmt: skip
     joined = BackboneWithPosition(body, build_position_embedding(position_embedding, hidden_dim))
     transformer = Transformer(hidden_dim, nheads, enc_layers, dim_feedforward, dropout, decoder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from conddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -19,18 +20,21 @@ MatchIndices = tuple[Tensor, Tensor]
 
 
 def focal_class_cost(logits: Tensor, target_labels: Tensor, alpha: float, gamma: float = 2.0) -> Tensor:
-    """Focal class cost `[P, C]` logits x `[N]` labels -> `[P, N]`: the focal loss of calling the query positive
-    minus that of calling it negative, as in Deformable / Conditional DETR (the 1e-8 keeps log finite)."""
-    prob = logits.sigmoid()  # [P, C]
-    neg_cost = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()  # [P, C]
-    pos_cost = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()  # [P, C]
-    return pos_cost[:, target_labels] - neg_cost[:, target_labels]
+    """Focal class cost `[..., P, C]` logits x `[..., N]` labels -> `[..., P, N]`: the focal loss of calling the
+    query positive minus that of calling it negative, as in Deformable / Conditional DETR (the 1e-8 keeps log
+    finite). Only the target classes' logits are gathered and scored, not all C of them."""
+    index = target_labels[..., None, :].expand(*logits.shape[:-1], target_labels.shape[-1])  # [..., P, N]
+    prob = logits.gather(-1, index).sigmoid()  # [..., P, N]
+    neg_cost = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+    pos_cost = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+    return pos_cost - neg_cost
 
 
 def softmax_class_cost(logits: Tensor, target_labels: Tensor) -> Tensor:
-    """DETR class cost `[P, C+1]` logits x `[N]` labels -> `[P, N]`: minus the probability of the target class
-    (the constant 1 of 1 - p is dropped, it does not change the assignment)."""
-    return -logits.softmax(-1)[:, target_labels]
+    """DETR class cost `[..., P, C+1]` logits x `[..., N]` labels -> `[..., P, N]`: minus the probability of the
+    target class (the constant 1 of 1 - p is dropped, it does not change the assignment)."""
+    index = target_labels[..., None, :].expand(*logits.shape[:-1], target_labels.shape[-1])  # [..., P, N]
+    return -logits.softmax(-1).gather(-1, index)
 
 
 class HungarianMatcher(nn.Module):
@@ -58,32 +62,41 @@ class HungarianMatcher(nn.Module):
         self.focal_gamma = focal_gamma
 
     @torch.no_grad()
-    def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[Tensor]:
-        """Matching cost per image, `[Q, N_b]` float32 on the CPU.
+    def batch_cost(self, outputs: dict, targets: list[dict]) -> Tensor:
+        """Matching cost of every image against its own targets in one pass: `[B, Q, N_max]` float32 on the
+        outputs' device, image b's columns beyond its N_b targets being padding (a dummy box, class 0).
 
         outputs: `pred_logits [B, Q, C]`, `pred_boxes [B, Q, 4]` cxcywh; targets: per image `labels [N_b]`,
         `boxes [N_b, 4]` cxcywh. Computed in float32 with autocast off so bf16 training matches like fp32.
+        Batching pads targets instead of scoring every query against the whole batch's targets (B times the work).
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        batch_size, num_queries = logits.shape[:2]
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            # All images at once, split per image afterwards: one device->host copy per call.
-            out_logits = logits.flatten(0, 1).float()  # [B*Q, C]
-            out_boxes = boxes.flatten(0, 1).float()  # [B*Q, 4]
-            tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)  # [N]
-            tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device=logits.device, dtype=torch.float32)
-
+        device = logits.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            # Padding: label 0 and the box (0.5, 0.5, 0.5, 0.5) keep every padded cost finite; they are cut off later.
+            labels = pad_sequence([t["labels"].to(device) for t in targets], batch_first=True)  # [B, N_max]
+            tgt_boxes = pad_sequence(
+                [t["boxes"].to(device=device, dtype=torch.float32) for t in targets],
+                batch_first=True,
+                padding_value=0.5,
+            )  # [B, N_max, 4]
+            out_logits, out_boxes = logits.float(), boxes.float()  # [B, Q, C], [B, Q, 4]
             if self.class_cost == "focal":
-                cost_class = focal_class_cost(out_logits, tgt_labels, self.focal_alpha, self.focal_gamma)
+                cost_class = focal_class_cost(out_logits, labels, self.focal_alpha, self.focal_gamma)
             else:
-                cost_class = softmax_class_cost(out_logits, tgt_labels)  # [B*Q, N]
-            cost_bbox = torch.cdist(out_boxes, tgt_boxes, p=1)  # [B*Q, N]
+                cost_class = softmax_class_cost(out_logits, labels)  # [B, Q, N_max]
+            cost_bbox = torch.cdist(out_boxes, tgt_boxes, p=1)  # [B, Q, N_max]
             cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(tgt_boxes))
-            cost = self.set_cost_bbox * cost_bbox + self.set_cost_class * cost_class + self.set_cost_giou * cost_giou
+            return self.set_cost_bbox * cost_bbox + self.set_cost_class * cost_class + self.set_cost_giou * cost_giou
 
-        cost = cost.view(batch_size, num_queries, -1).cpu()  # [B, Q, N]
-        sizes = [len(t["boxes"]) for t in targets]
-        return [c[b] for b, c in enumerate(cost.split(sizes, dim=-1))]
+    @torch.no_grad()
+    def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[Tensor]:
+        """Matching cost per image, `[Q, N_b]` float32 on the CPU (one device->host copy for the batch)."""
+        return self._per_image(self.batch_cost(outputs, targets).cpu(), targets)
+
+    @staticmethod
+    def _per_image(cost: Tensor, targets: list[dict]) -> list[Tensor]:
+        return [c[:, : len(t["boxes"])] for c, t in zip(cost, targets, strict=True)]  # [Q, N_b] views
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[MatchIndices]:
@@ -91,13 +104,17 @@ class HungarianMatcher(nn.Module):
         An image without boxes gives two empty int64 tensors."""
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"matcher got {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
+        cost = self.batch_cost(outputs, targets).cpu()  # [B, Q, N_max]
+        real = torch.arange(cost.shape[-1]) < torch.tensor([len(t["boxes"]) for t in targets])[:, None]  # [B, N_max]
+        bad = (~torch.isfinite(cost) & real[:, None, :]).flatten(1).any(1)  # [B]; padding columns do not count
+        if bad.any():
+            b = int(bad.nonzero()[0])
+            raise ValueError(
+                f"matching cost of image {b} is not finite: NaN/inf in pred_logits / pred_boxes or in "
+                f"targets[{b}]['boxes']"
+            )
         indices = []
-        for b, cost in enumerate(self.cost_matrices(outputs, targets)):
-            if not torch.isfinite(cost).all():
-                raise ValueError(
-                    f"matching cost of image {b} is not finite: NaN/inf in pred_logits / pred_boxes or in "
-                    f"targets[{b}]['boxes']"
-                )
-            rows, cols = linear_sum_assignment(cost.numpy())
+        for cost_b in self._per_image(cost, targets):
+            rows, cols = linear_sum_assignment(cost_b.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices

@@ -6,6 +6,7 @@ All three follow the published DETR / Conditional DETR layouts (y part first, th
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -35,15 +36,34 @@ class PositionEmbeddingSine(nn.Module):
     Output has 2 * num_pos_feats channels: `num_pos_feats` for y, then `num_pos_feats` for x.
     """
 
+    cache_size = 8  # embeddings kept per module, keyed by the mask (CPU masks only: the key reads it)
+
     def __init__(self, num_pos_feats: int, temperature: float = 10000.0, normalize: bool = True, scale: float = None):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def forward(self, feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """feature [B, C, h, w] (only its device is used), mask [B, h, w] True = padding -> [B, 2F, h, w]."""
+        """feature [B, C, h, w] (only its device is used), mask [B, h, w] True = padding -> [B, 2F, h, w].
+
+        The embedding depends on the mask alone, so on the CPU it is cached per mask (evaluation at fixed sizes
+        recomputes nothing); a CUDA mask is not cached, its key would wait for the device.
+        """
+        if mask.device.type != "cpu" or torch.compiler.is_compiling():
+            return self._embed(mask)
+        key = (tuple(mask.shape), mask.contiguous().numpy().tobytes())
+        pos = self._cache.get(key)
+        if pos is None:
+            pos = self._cache[key] = self._embed(mask)
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return pos
+
+    def _embed(self, mask: torch.Tensor) -> torch.Tensor:
         not_mask = ~mask
         y = not_mask.cumsum(1, dtype=torch.float32)  # [B, h, w] 1..h_valid
         x = not_mask.cumsum(2, dtype=torch.float32)  # [B, h, w] 1..w_valid
@@ -51,7 +71,7 @@ class PositionEmbeddingSine(nn.Module):
             eps = 1e-6  # keeps a fully padded row/column finite
             y = y / (y[:, -1:, :] + eps) * self.scale
             x = x / (x[:, :, -1:] + eps) * self.scale
-        dim_t = _inverse_frequencies(self.num_pos_feats, self.temperature, feature.device)  # [F]
+        dim_t = _inverse_frequencies(self.num_pos_feats, self.temperature, mask.device)  # [F]
         pos_x = _interleave_sin_cos(x[..., None] / dim_t)  # [B, h, w, F]
         pos_y = _interleave_sin_cos(y[..., None] / dim_t)  # [B, h, w, F]
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # [B, 2F, h, w]

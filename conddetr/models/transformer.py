@@ -90,8 +90,9 @@ class Transformer(nn.Module):
          "cross_attention" {"spatial", "content", "combined"} [L, B, heads, Q, h, w] | None}.
         """
         b, _, h, w = src.shape
-        src = src.flatten(2).transpose(1, 2)  # [B, HW, D]
-        pos = pos.flatten(2).transpose(1, 2)  # [B, HW, D]
+        # [B, D, h, w] -> [B, HW, D]: a view, no copy, for channels_last maps (the fused backbone's) and pos
+        src = src.permute(0, 2, 3, 1).flatten(1, 2)  # [B, HW, D]
+        pos = pos.permute(0, 2, 3, 1).flatten(1, 2)  # [B, HW, D]
         mask = mask.flatten(1)  # [B, HW]
         query_pos = query_embed[None].expand(b, -1, -1)  # [B, Q, D]
         memory = self.encoder(src, pos, mask)  # [B, HW, D]
