@@ -184,6 +184,7 @@ class Tracker:
             settings = wandb.Settings(**options, x_sync_dir_suffix=f"seg{segment:03d}")
         except Exception:  # a wandb version without the private setting
             settings = wandb.Settings(**options)
+        _drop_inherited_wandb_service()
         run = wandb.init(mode=mode, settings=settings, **self._init_kwargs)
         try:
             run.define_metric("step")
@@ -248,6 +249,19 @@ class Tracker:
         if kind not in self._warned:
             self._warned.add(kind)
             warnings.warn(f"{message} [run folder {self.run_dir}]", TrackingWarning, stacklevel=3)
+
+
+def _drop_inherited_wandb_service() -> None:
+    """Start this process's own wandb-core rather than join one named by an inherited WANDB_SERVICE.
+
+    wandb exports its service address to the environment, so a child of any process that used wandb (a test runner,
+    a notebook, a driver) would join the parent's service: it dies with its owner, and it still holds the stream of
+    a SIGKILLed run, so the resumed run's init fails with "run ID ... is in use".
+    """
+    from wandb.sdk import wandb_setup
+
+    if getattr(wandb_setup, "_singleton", None) is None:  # this process has not set wandb up itself
+        os.environ.pop("WANDB_SERVICE", None)
 
 
 def _plain(value: Any) -> Any:

@@ -238,3 +238,30 @@ def test_media_failure_warns_and_metrics_go_on(wandb_env, monkeypatch):
     (row,) = [r for r in read_wandb_history(wandb_env / "run", include_media=True) if "val/table" in r]
     assert row["val/table"]["_type"] == "table-file" and row["step"] == 0
     assert Tracker(wandb_env / "off", mode="disabled").logs_media is False
+
+
+def test_child_process_does_not_join_the_parents_wandb_service(wandb_env):
+    """wandb exports WANDB_SERVICE; a child resuming a run whose stream the parent's service still holds (as after
+    a SIGKILL) must start its own service, not fail with "run ID ... is in use" and lose W&B."""
+    import os
+    import subprocess
+    import sys
+
+    parent = Tracker(wandb_env / "parent", mode="offline", name="parent")  # a live stream under this run id
+    try:
+        assert "WANDB_SERVICE" in os.environ  # what makes children join this process's service
+        child = (
+            "import sys, warnings; from pathlib import Path; from conddetr.tracking import Tracker; "
+            "warnings.simplefilter('error'); "
+            "t = Tracker(Path(sys.argv[1]), mode='offline', name='child', resume_id=sys.argv[2], resume_step=0); "
+            "t.log({'train/loss': 1.0}, step=1, epoch=0.5); print(t.mode); t.finish()"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", child, str(wandb_env / "child"), parent.run_id],
+            capture_output=True, text=True, timeout=180, env=dict(os.environ),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["offline"]
+        assert read_wandb_history(wandb_env / "child") == read_metrics(wandb_env / "child")
+    finally:
+        parent.finish()
