@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates docs/predictions_example.png: `python -m conddetr predict` on a trained synthetic run's val images.
 # Usage: scripts/docs_example.sh [RUN_DIR] [IMAGE_NAME] [THRESHOLD]
-#   defaults: runs/demo_synthetic (train it with `make demo`), 000008 (a val image), 0.2: what made the committed one.
+#   defaults: runs/demo_synthetic (train it with `make demo`), 000022 (a val image), 0.3: what made the committed one.
 # All drawn val images stay in runs/docs_example/ to choose from; PY (default .venv/bin/python) runs Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/demo_synthetic}
-NAME=${2:-000008}
-THRESHOLD=${3:-0.2}
+NAME=${2:-000022}
+THRESHOLD=${3:-0.3}
 PY=${PY:-.venv/bin/python}
 OUT=runs/docs_example
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, whatever the venv points at
