@@ -1,4 +1,7 @@
-"""`launch.py status DIR`: one table row per run folder (job id, SLURM state, epoch reached, latest val AP, error)."""
+"""`launch.py status DIR`: one table row per run folder (job id, SLURM state, epoch reached, latest val AP, error).
+
+A leaf: reads run folders and sacct, imports nothing from conddetr; the launcher writes what it reads.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from conddetr.launcher import ERROR_FILE, LAUNCH_RECORD, START_MARKER, SUBMITIT_DIR
+# What the launcher leaves in a run folder and status reads back (defined here so status imports nothing of ours).
+LAUNCH_RECORD = "launch.json"  # job id, cluster, submission time, state
+ERROR_FILE = "error.txt"  # written by a failing job: exception line first, then the traceback
+SUBMITIT_DIR = "submitit"  # per-run submitit folder (SLURM job ids restart when the state folder is wiped)
+START_MARKER = "conddetr: task started"  # first stderr line of every (re)start of a SLURM task
 
 RUN_MARKERS = ("config.yaml", LAUNCH_RECORD)  # a run folder holds one of these (pending jobs: only the record)
 SKIP_DIRS = {SUBMITIT_DIR, ".submitit", "wandb", "results"}

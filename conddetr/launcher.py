@@ -18,12 +18,9 @@ from pathlib import Path
 import submitit
 
 from conddetr.config import config_from_dict, config_to_dict, load_config, load_sweep_runs, run_dir_of
+from conddetr.launch_status import ERROR_FILE, LAUNCH_RECORD, START_MARKER, SUBMITIT_DIR  # the files status reads
 
-LAUNCH_RECORD = "launch.json"  # job id, cluster, submission time: what `launch.py status` reads
-ERROR_FILE = "error.txt"  # written by a failing job: exception line first, then the traceback
-SUBMITIT_DIR = "submitit"  # per-run submitit folder (SLURM job ids restart when the state folder is wiped)
 CLUSTERS = ("local", "debug", "slurm")
-START_MARKER = "conddetr: task started"  # first stderr line of every (re)start of a SLURM task (see launch_status)
 SRUN_ARGS = ("--kill-on-bad-exit=1",)  # passed to the srun that starts the tasks (see sbatch_parameters)
 
 

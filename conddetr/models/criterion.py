@@ -76,34 +76,6 @@ class SetCriterion(nn.Module):
             raise KeyError(f"losses lack weighted keys {missing}: does the model return one aux output per layer?")
         return sum(losses[k] * w for k, w in self.weight_dict.items())
 
-    def _check_inputs(self, outputs: dict, targets: list[dict]) -> None:
-        logits = outputs["pred_logits"]
-        expected = self.num_classes + (1 if self.variant == "detr" else 0)
-        if logits.shape[-1] != expected:
-            raise ValueError(
-                f"pred_logits has {logits.shape[-1]} classes, the {self.variant} criterion expects {expected} "
-                f"(num_classes={self.num_classes})"
-            )
-        if len(targets) != logits.shape[0]:
-            raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]} images")
-        for b, t in enumerate(targets):
-            for key in ("labels", "boxes"):
-                if key not in t:
-                    raise ValueError(f"targets[{b}] has no {key!r} key (keys: {sorted(t)})")
-            if t["boxes"].ndim != 2 or t["boxes"].shape[-1] != 4 or t["labels"].shape != t["boxes"].shape[:1]:
-                raise ValueError(
-                    f"targets[{b}]: 'boxes' must be [N, 4] and 'labels' [N], got {tuple(t['boxes'].shape)} "
-                    f"and {tuple(t['labels'].shape)}"
-                )
-            # Even when empty: torch.tensor([]) is float32, and one such image would turn the whole batch float.
-            if t["labels"].is_floating_point() or t["labels"].dtype == torch.bool:
-                raise ValueError(f"targets[{b}]['labels'] must be an integer tensor (int64), got {t['labels'].dtype}")
-        labels = torch.cat([t["labels"] for t in targets])
-        if labels.numel():
-            low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(f"target 'labels' must lie in [0, {self.num_classes}), got values in [{low}, {high}]")
-
     def loss_labels(self, outputs: dict, targets: list[dict], indices: list[MatchIndices], num_boxes: float) -> dict:
         logits = outputs["pred_logits"].float()  # [B, Q, C] (detr: C + 1)
         batch_idx, query_idx = _matched_positions(indices, logits.device)
@@ -164,7 +136,7 @@ class SetCriterion(nn.Module):
         """outputs: model outputs (`pred_logits`, `pred_boxes`, optional `aux_outputs`); targets: per image
         `labels [N]`, `boxes [N, 4]` normalised cxcywh. Returns the loss dict, and with return_indices also
         `{"last": indices, "aux": [indices per aux layer]}` (the matcher's assignments)."""
-        self._check_inputs(outputs, targets)
+        _check_inputs(outputs, targets, self.variant, self.num_classes)
         num_boxes = global_num_boxes(targets, outputs["pred_logits"].device)
         # Losses in float32 even under bf16/fp16 autocast: focal loss and GIoU are unstable in low precision.
         with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
@@ -177,6 +149,36 @@ class SetCriterion(nn.Module):
         if return_indices:
             return losses, {"last": last, "aux": aux_indices}
         return losses
+
+
+def _check_inputs(outputs: dict, targets: list[dict], variant: str, num_classes: int) -> None:
+    """Shapes, dtypes and label range of a batch, with errors that say what is wrong where."""
+    logits = outputs["pred_logits"]
+    expected = num_classes + (1 if variant == "detr" else 0)
+    if logits.shape[-1] != expected:
+        raise ValueError(
+            f"pred_logits has {logits.shape[-1]} classes, the {variant} criterion expects {expected} "
+            f"(num_classes={num_classes})"
+        )
+    if len(targets) != logits.shape[0]:
+        raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]} images")
+    for b, t in enumerate(targets):
+        for key in ("labels", "boxes"):
+            if key not in t:
+                raise ValueError(f"targets[{b}] has no {key!r} key (keys: {sorted(t)})")
+        if t["boxes"].ndim != 2 or t["boxes"].shape[-1] != 4 or t["labels"].shape != t["boxes"].shape[:1]:
+            raise ValueError(
+                f"targets[{b}]: 'boxes' must be [N, 4] and 'labels' [N], got {tuple(t['boxes'].shape)} "
+                f"and {tuple(t['labels'].shape)}"
+            )
+        # Even when empty: torch.tensor([]) is float32, and one such image would turn the whole batch float.
+        if t["labels"].is_floating_point() or t["labels"].dtype == torch.bool:
+            raise ValueError(f"targets[{b}]['labels'] must be an integer tensor (int64), got {t['labels'].dtype}")
+    labels = torch.cat([t["labels"] for t in targets])
+    if labels.numel():
+        low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"target 'labels' must lie in [0, {num_classes}), got values in [{low}, {high}]")
 
 
 def _matched_positions(indices: list[MatchIndices], device: torch.device) -> tuple[Tensor, Tensor]:

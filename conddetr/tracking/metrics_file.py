@@ -1,6 +1,6 @@
-"""metrics.jsonl: one JSON object per line (`{"step", "epoch", **metrics}`), fsynced per row; readers and truncation.
+"""metrics.jsonl: one JSON object per line (`{"step", "epoch", **metrics}`): its writer, readers and truncation.
 
-Written by `conddetr.tracking.Tracker` (which re-exports these names); a crash can leave at most a cut-off last line.
+`MetricsWriter` writes it for `Tracker`; a crash can leave at most a cut-off last line, which the readers drop.
 """
 
 from __future__ import annotations
@@ -17,6 +17,29 @@ METRICS_NAME = "metrics.jsonl"  # one JSON object per line: {"step", "epoch", **
 
 class TrackingWarning(UserWarning):
     """W&B failed or a metrics file was damaged; training goes on."""
+
+
+class MetricsWriter:
+    """Appends rows to `run_dir/metrics.jsonl`, each flushed and fsynced: a crash loses at most the line in flight.
+
+    Opening first drops the rows after `resume_step` (resuming a checkpoint), else a cut-off last line (a crash).
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        self.path = run_dir / METRICS_NAME
+        if resume_step is not None:
+            truncate_metrics_after(run_dir, resume_step)
+        else:
+            _drop_partial_tail(self.path)  # else the next line would be glued to a fragment
+        self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _metrics_file(run_dir: str | os.PathLike) -> Path:
@@ -77,6 +100,6 @@ def _drop_partial_tail(path: Path) -> None:
     if data.endswith(b"\n"):
         return
     keep = data.rfind(b"\n") + 1
-    warnings.warn(f"{path}: dropping a truncated last line ({len(data) - keep} bytes)", TrackingWarning, stacklevel=3)
+    warnings.warn(f"{path}: dropping a truncated last line ({len(data) - keep} bytes)", TrackingWarning, stacklevel=4)
     with open(path, "r+b") as f:
         f.truncate(keep)
