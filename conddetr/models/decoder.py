@@ -8,7 +8,6 @@ per head q = [c_q ; p_q], k = [c_k ; p_k], with the spatial query p_q = T(f) * P
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from conddetr.attention import (
@@ -21,13 +20,14 @@ from conddetr.attention import (
     head_scale,
 )
 from conddetr.models.position import sine_embed_points
-from conddetr.models.transformer import MLP
+from conddetr.models.transformer import MLP, relu_dropout
 
 
 class _FFNMixin:
     def _ffn(self, tgt: torch.Tensor) -> torch.Tensor:
         """Post-norm FFN block shared by both layers: norm3(tgt + FFN(tgt))."""
-        return self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+        ffn = self.linear2(relu_dropout(self.linear1(tgt), self.dropout.p, self.training))
+        return self.norm3(tgt + self.dropout(ffn))
 
 
 class DETRDecoderLayer(_FFNMixin, nn.Module):
