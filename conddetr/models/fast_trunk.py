@@ -59,10 +59,22 @@ def _conv_args(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
     return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
 
-def conv_act(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Tensor, relu: bool, other: Tensor | None = None):
-    """relu?(conv(x, weight) + bias (+ other)): fused on the CPU (differentiable), else separate ops."""
+def conv_act(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Tensor, relu: bool, other: Tensor | None = None,
+             overwrite_other: bool = False) -> Tensor:  # fmt: skip
+    """relu?(conv(x, weight) + bias (+ other)): fused on the CPU (differentiable), else separate ops.
+
+    overwrite_other: the result may be written into `other` (a shortcut nobody reads afterwards) when no gradient
+    is needed; this saves a fresh output tensor, which above glibc's 32 MiB mmap limit (layer1 at 512x640) is a new
+    mapping whose page faults cost more than the convolution itself.
+    """
     if use_onednn(x):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        grad_to_other = other is not None and torch.is_grad_enabled() and other.requires_grad
+        if other is not None and overwrite_other and not (needs_grad or grad_to_other):
+            unary = "relu" if relu else None
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                other, x, weight, bias, *_conv_args(conv), "add", 1.0, unary, [], ""
+            )
         if needs_grad or other is not None or relu:
             return _FusedConv.apply(x, weight, None, bias, other, relu, *_conv_args(conv))
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -175,9 +187,10 @@ class FoldedWeights:
 
 def _conv(x: Tensor, conv: nn.Conv2d, norm: nn.Module, frozen: bool, cache: FoldedWeights, relu: bool,
           other: Tensor | None = None) -> Tensor:  # fmt: skip
-    """One conv-norm(-add)(-ReLU) unit: from cached folded weights when frozen, else folded at this call."""
+    """One conv-norm(-add)(-ReLU) unit: from cached folded weights when frozen, else folded at this call.
+    `other` is a block's shortcut, free to be overwritten once added."""
     if frozen and not torch.compiler.is_compiling():
-        return conv_act(x, conv, *cache.get(conv, norm), relu=relu, other=other)
+        return conv_act(x, conv, *cache.get(conv, norm), relu=relu, other=other, overwrite_other=True)
     cache.drop(conv)  # a stage training now: its folded copy from an evaluation would only hold memory
     return conv_norm_act(x, conv, norm, relu=relu, other=other)
 
