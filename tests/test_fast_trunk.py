@@ -162,3 +162,18 @@ def test_training_drops_the_folded_copies_an_evaluation_cached():
     assert {convs[i] for i in body._folded._entries} == {
         n for n in convs.values() if n.startswith(("body.conv1", "body.layer1"))
     }
+
+
+def test_training_after_an_inference_mode_evaluation():
+    """Nothing made under torch.inference_mode is cached for later training (the sine embedding cache)."""
+    model = build_model("conditional", backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1,
+                        dim_feedforward=32, num_queries=5, num_classes=3)  # fmt: skip
+    images, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    model.eval()
+    with torch.inference_mode():
+        expected = model(images, mask)["pred_logits"]
+    model.train()
+    model(images, mask)["pred_logits"].sum().backward()  # raised: inference tensors cannot be saved for backward
+    model.eval()
+    with torch.no_grad():
+        assert_close(model(images, mask)["pred_logits"], expected, rtol=0, atol=0)
