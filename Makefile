@@ -41,8 +41,9 @@ bench: $(STAMP)
 		echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 # Ours vs HF transformers, same process, same glibc malloc settings for both (bench_allocator.py measures those).
+# Options through ARGS, e.g. `make bench-peers ARGS="--repeats 3"`.
 bench-peers: $(STAMP)
-	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 $(BIN)/python benchmarks/bench_peers.py
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 $(BIN)/python benchmarks/bench_peers.py $(ARGS)
 
 slurm-up:
 	bash scripts/slurm_cluster.sh up

@@ -135,3 +135,45 @@ def test_sine_embedding_is_cached_per_mask():
         m[1, 5 - i % 6 :, :] = True
         embed(feature, m)
     assert len(embed._cache) <= embed.cache_size
+
+
+def test_training_convolutions_save_the_parameter_not_a_folded_copy():
+    body = _body("resnet50", train=True, last_stage=2)
+    images, mask = torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool)
+    params = {p.data_ptr() for p in body.parameters()}
+    weight_shapes = {tuple(m.weight.shape) for m in body.modules() if isinstance(m, torch.nn.Conv2d)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        feature, _ = body(images, mask)
+    weights = [t for t in saved if tuple(t.shape) in weight_shapes]
+    assert weights and all(t.data_ptr() in params for t in weights)
+    feature.sum().backward()  # and the gradients still reach the parameters
+    assert all(p.grad is not None for n, p in body.named_parameters() if n.startswith("body.layer2"))
+
+
+def test_training_drops_the_folded_copies_an_evaluation_cached():
+    body = _body(train=True)
+    images, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    with torch.no_grad():
+        body(images, mask)  # evaluation: every stage frozen, all cached
+    convs = {id(m): n for n, m in body.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert len(body._folded._entries) == len(convs)
+    body(images, mask)[0].sum().backward()
+    assert {convs[i] for i in body._folded._entries} == {
+        n for n in convs.values() if n.startswith(("body.conv1", "body.layer1"))
+    }
+
+
+def test_training_after_an_inference_mode_evaluation():
+    """Nothing made under torch.inference_mode is cached for later training (the sine embedding cache)."""
+    model = build_model("conditional", backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1,
+                        dim_feedforward=32, num_queries=5, num_classes=3)  # fmt: skip
+    images, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    model.eval()
+    with torch.inference_mode():
+        expected = model(images, mask)["pred_logits"]
+    model.train()
+    model(images, mask)["pred_logits"].sum().backward()  # raised: inference tensors cannot be saved for backward
+    model.eval()
+    with torch.no_grad():
+        assert_close(model(images, mask)["pred_logits"], expected, rtol=0, atol=0)

@@ -12,8 +12,8 @@ import torchvision
 from scipy.optimize import linear_sum_assignment
 from torch.testing import assert_close
 
-from conddetr.models.box_ops import box_cxcywh_to_xyxy
-from conddetr.models.matcher import HungarianMatcher
+from conddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from conddetr.models.matcher import HungarianMatcher, focal_class_cost, giou_cost, softmax_class_cost
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PARITY = [("parity_conddetr_small", "focal"), ("parity_conddetr_small_h256", "focal"), ("parity_detr_small", "softmax")]
@@ -192,3 +192,20 @@ def test_batched_matching_equals_scipy_per_image_on_50_random_cases():
             )
             assert_close(costs[b], cost, rtol=0, atol=1e-5)
             _assert_indices_equal([got[b]], [(rows, cols)])
+
+
+def test_in_place_costs_equal_the_plain_formulas_bit_for_bit():
+    """The matcher's in-place cost pieces are the plain (out-of-place) formulas, same operations, same bits."""
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 40, 12, generator=gen) * 3
+    labels = torch.randint(0, 12, (3, 9), generator=gen)
+    boxes = torch.rand(3, 40, 4, generator=gen) * 0.6 + 0.2
+    tgt = torch.rand(3, 9, 4, generator=gen) * 0.6 + 0.2
+    tgt[0, 0, 2:] = 0  # a zero-size box: the clamps matter
+    prob = logits.gather(-1, labels[:, None, :].expand(-1, 40, -1)).sigmoid()
+    focal = 0.25 * (1 - prob) ** 2.0 * -(prob + 1e-8).log() - 0.75 * prob**2.0 * -(1 - prob + 1e-8).log()
+    assert torch.equal(focal_class_cost(logits, labels, 0.25), focal)
+    softmax = -logits.softmax(-1).gather(-1, labels[:, None, :].expand(-1, 40, -1))
+    assert torch.equal(softmax_class_cost(logits, labels), softmax)
+    expected = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt))
+    assert torch.equal(giou_cost(boxes, tgt), expected)

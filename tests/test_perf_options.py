@@ -82,3 +82,57 @@ def test_adamw_is_fused_where_torch_has_the_kernel():
             opt.step()
             opt.zero_grad()
     torch.testing.assert_close(model[0].weight, twin[0].weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(2, 30, 64), (5,)])
+def test_lean_relu_dropout_equals_autograd_bit_for_bit(shape):
+    """FFN ReLU + dropout saving less for the backward: same output, gradient and random stream."""
+    from conddetr.models.transformer import relu_dropout
+
+    x = torch.randn(*shape, requires_grad=True)
+    grad = torch.randn(*shape)
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        out = relu_dropout(x, 0.1, training=True) if lean else torch.nn.functional.dropout(x.relu(), 0.1, True)
+        assert (type(out.grad_fn).__name__ == "_ReluDropoutBackward") == lean
+        out.backward(grad)
+        results.append((out.detach(), x.grad, torch.rand(3)))
+        x.grad = None
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def _graph_names(node, depth: int = 4) -> set[str]:
+    if node is None or depth == 0:
+        return set()
+    return {type(node).__name__}.union(*(_graph_names(n, depth - 1) for n, _ in node.next_functions))
+
+
+@pytest.mark.parametrize("widths,masked", [((32, 32), True), ((64, 32), True), ((32, 32), False)])
+def test_lean_attention_equals_attend_in_training(widths, masked):
+    """Lean CPU training attention (models/lean_attention.py): attend's outputs, gradients and random stream, with
+    equal and Conditional-DETR-like unequal q/k and v widths."""
+    from conddetr.attention import attend
+    from conddetr.models.lean_attention import lean_attend
+
+    gen = torch.Generator().manual_seed(0)
+    d_qk, d_v = widths
+    q = torch.randn(2, 7, d_qk, generator=gen, requires_grad=True)
+    k = torch.randn(2, 9, d_qk, generator=gen, requires_grad=True)
+    v = torch.randn(2, 9, d_v, generator=gen, requires_grad=True)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = masked
+    grad = torch.randn(2, 7, d_v, generator=gen)
+    results = []
+    for fn in (attend, lean_attend):
+        torch.manual_seed(1)
+        out = fn(q, k, v, 4, mask, 0.3)
+        assert ("_LeanAttentionBackward" in _graph_names(out.grad_fn)) == (fn is lean_attend)
+        out.backward(grad)
+        results.append((out.detach(), q.grad, k.grad, v.grad, torch.rand(3)))
+        q.grad = k.grad = v.grad = None
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: attend itself
+        torch.testing.assert_close(lean_attend(q, k, v, 4, mask, 0.0), attend(q, k, v, 4, mask, 0.0), rtol=0, atol=0)

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from conddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from conddetr.models.box_ops import AREA_EPS, box_area, box_cxcywh_to_xyxy
 
 CLASS_COSTS = ("focal", "softmax")
 
@@ -22,19 +22,36 @@ MatchIndices = tuple[Tensor, Tensor]
 def focal_class_cost(logits: Tensor, target_labels: Tensor, alpha: float, gamma: float = 2.0) -> Tensor:
     """Focal class cost `[..., P, C]` logits x `[..., N]` labels -> `[..., P, N]`: the focal loss of calling the
     query positive minus that of calling it negative, as in Deformable / Conditional DETR (the 1e-8 keeps log
-    finite). Only the target classes' logits are gathered and scored, not all C of them."""
+    finite). Only the target classes' logits are gathered and scored, not all C of them. No autograd: the
+    temporaries are updated in place (same operations in the same order, so the same numbers)."""
     index = target_labels[..., None, :].expand(*logits.shape[:-1], target_labels.shape[-1])  # [..., P, N]
-    prob = logits.gather(-1, index).sigmoid()  # [..., P, N]
-    neg_cost = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
-    pos_cost = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
-    return pos_cost - neg_cost
+    prob = logits.gather(-1, index).sigmoid_()  # [..., P, N]
+    neg_cost = (1 - prob).add_(1e-8).log_().neg_().mul_(prob.pow(gamma).mul_(1 - alpha))
+    pos_cost = (prob + 1e-8).log_().neg_().mul_(prob.neg_().add_(1).pow_(gamma).mul_(alpha))  # prob := 1 - prob
+    return pos_cost.sub_(neg_cost)
 
 
 def softmax_class_cost(logits: Tensor, target_labels: Tensor) -> Tensor:
     """DETR class cost `[..., P, C+1]` logits x `[..., N]` labels -> `[..., P, N]`: minus the probability of the
     target class (the constant 1 of 1 - p is dropped, it does not change the assignment)."""
     index = target_labels[..., None, :].expand(*logits.shape[:-1], target_labels.shape[-1])  # [..., P, N]
-    return -logits.softmax(-1).gather(-1, index)
+    return logits.softmax(-1).gather(-1, index).neg_()
+
+
+def giou_cost(boxes: Tensor, tgt_boxes: Tensor) -> Tensor:
+    """-GIoU of cxcywh boxes `[..., P, 4]` x `[..., N, 4]` -> `[..., P, N]`: box_ops.generalized_box_iou's
+    operations in its order (the same numbers), but on a few buffers reused in place; no autograd."""
+    boxes, tgt_boxes = box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes)
+    x0a, y0a, x1a, y1a = (c[..., :, None] for c in boxes.unbind(-1))  # [..., P, 1]
+    x0b, y0b, x1b, y1b = (c[..., None, :] for c in tgt_boxes.unbind(-1))  # [..., 1, N]
+    area_a, area_b = box_area(boxes)[..., :, None], box_area(tgt_boxes)[..., None, :]  # [..., P, 1], [..., 1, N]
+    inter = torch.minimum(x1a, x1b).sub_(torch.maximum(x0a, x0b)).clamp_(min=0)  # [..., P, N]
+    inter.mul_(torch.minimum(y1a, y1b).sub_(torch.maximum(y0a, y0b)).clamp_(min=0))
+    union = (area_a + area_b).sub_(inter)
+    iou = inter.div_(union.clamp(min=AREA_EPS))
+    enclosing = torch.maximum(x1a, x1b).sub_(torch.minimum(x0a, x0b)).clamp_(min=0)
+    enclosing.mul_(torch.maximum(y1a, y1b).sub_(torch.minimum(y0a, y0b)).clamp_(min=0)).clamp_(min=AREA_EPS)
+    return enclosing.sub(union).div_(enclosing).sub_(iou)  # -(iou - (enclosing - union) / enclosing)
 
 
 class HungarianMatcher(nn.Module):
@@ -85,9 +102,9 @@ class HungarianMatcher(nn.Module):
                 cost_class = focal_class_cost(out_logits, labels, self.focal_alpha, self.focal_gamma)
             else:
                 cost_class = softmax_class_cost(out_logits, labels)  # [B, Q, N_max]
-            cost_bbox = torch.cdist(out_boxes, tgt_boxes, p=1)  # [B, Q, N_max]
-            cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(tgt_boxes))
-            return self.set_cost_bbox * cost_bbox + self.set_cost_class * cost_class + self.set_cost_giou * cost_giou
+            cost = torch.cdist(out_boxes, tgt_boxes, p=1).mul_(self.set_cost_bbox)  # [B, Q, N_max]
+            cost.add_(cost_class.mul_(self.set_cost_class))
+            return cost.add_(giou_cost(out_boxes, tgt_boxes).mul_(self.set_cost_giou))
 
     @torch.no_grad()
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[Tensor]:
@@ -105,14 +122,15 @@ class HungarianMatcher(nn.Module):
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"matcher got {len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]}")
         cost = self.batch_cost(outputs, targets).cpu()  # [B, Q, N_max]
-        real = torch.arange(cost.shape[-1]) < torch.tensor([len(t["boxes"]) for t in targets])[:, None]  # [B, N_max]
-        bad = (~torch.isfinite(cost) & real[:, None, :]).flatten(1).any(1)  # [B]; padding columns do not count
-        if bad.any():
-            b = int(bad.nonzero()[0])
-            raise ValueError(
-                f"matching cost of image {b} is not finite: NaN/inf in pred_logits / pred_boxes or in "
-                f"targets[{b}]['boxes']"
-            )
+        if not torch.isfinite(cost).all():  # the image to name: padding columns do not count
+            real = torch.arange(cost.shape[-1]) < torch.tensor([len(t["boxes"]) for t in targets])[:, None]  # [B, N]
+            bad = (~torch.isfinite(cost) & real[:, None, :]).flatten(1).any(1)  # [B]
+            if bad.any():
+                b = int(bad.nonzero()[0])
+                raise ValueError(
+                    f"matching cost of image {b} is not finite: NaN/inf in pred_logits / pred_boxes or in "
+                    f"targets[{b}]['boxes']"
+                )
         indices = []
         for cost_b in self._per_image(cost, targets):
             rows, cols = linear_sum_assignment(cost_b.numpy())

@@ -50,9 +50,10 @@ class PositionEmbeddingSine(nn.Module):
         """feature [B, C, h, w] (only its device is used), mask [B, h, w] True = padding -> [B, 2F, h, w].
 
         The embedding depends on the mask alone, so on the CPU it is cached per mask (evaluation at fixed sizes
-        recomputes nothing); a CUDA mask is not cached, its key would wait for the device.
+        recomputes nothing); a CUDA mask is not cached, its key would wait for the device. Nor is anything cached
+        under torch.inference_mode: an inference tensor reused in training cannot be saved for the backward.
         """
-        if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        if mask.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
             return self._embed(mask)
         key = (tuple(mask.shape), mask.contiguous().numpy().tobytes())
         pos = self._cache.get(key)

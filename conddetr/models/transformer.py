@@ -11,6 +11,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from conddetr.attention import PackedAttention
+from conddetr.models.lean_attention import self_attention
+
+
+class _ReluDropout(torch.autograd.Function):
+    """dropout(relu(x)) as F.dropout computes it on the CPU (same random draws, same numbers), saving for the
+    backward only the output (which the next Linear saves anyway) and a bool keep-mask: autograd's version holds
+    the ReLU output and a float noise tensor besides, two FFN-sized tensors per layer until the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        noise = torch.empty_like(x).bernoulli_(1 - p)  # as aten's CPU dropout: 1 = keep
+        keep = noise.bool()
+        out = F.relu(x).mul_(noise.div_(1 - p))
+        ctx.p = p
+        ctx.save_for_backward(out, keep)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        out, keep = ctx.saved_tensors
+        noise = keep.to(grad_out.dtype).div_(1 - ctx.p)  # the forward's noise, bit for bit
+        # ReLU' from the output: where dropout zeroed it the gradient is 0 either way
+        return torch.ops.aten.threshold_backward(grad_out * noise, out, 0), None
+
+
+def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout(F.relu(x), p, training); on the CPU with autograd, the memory-lean _ReluDropout (equal numbers)."""
+    lean = training and 0 < p < 1 and x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad
+    if lean and not torch.compiler.is_compiling():
+        return _ReluDropout.apply(x, p)
+    return F.dropout(F.relu(x), p, training)
 
 
 class MLP(nn.Module):
@@ -43,8 +74,8 @@ class EncoderLayer(nn.Module):
     def forward(self, src: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """src, pos [B, HW, D], mask [B, HW] True = padding -> [B, HW, D]."""
         qk = src + pos
-        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, key_padding_mask=mask)))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
+        src = self.norm1(src + self.dropout(self_attention(self.self_attn, qk, qk, src, key_padding_mask=mask)))
+        ffn = self.linear2(relu_dropout(self.linear1(src), self.dropout.p, self.training))
         return self.norm2(src + self.dropout(ffn))
 
 
