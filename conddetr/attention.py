@@ -53,8 +53,11 @@ def attend(
       "sdpa_padded"  SDPA with v heads zero-padded to the q/k width, extra output columns dropped;
       "matmul"       explicit matmul-softmax-matmul;
       "auto"         "sdpa" for equal widths, else "sdpa_padded": the fastest on the CPU for Conditional DETR's
-                     2D/heads-wide q/k and D/heads-wide v (benchmarks/bench_cross_attention.py).
+                     2D/heads-wide q/k and D/heads-wide v (benchmarks/bench_cross_attention.py); when training on
+                     the CPU with dropout, the memory-lean kernel below (SDPA's math path, same random draws).
     """
+    if kernel == "auto" and _lean_applies(q, k, v, dropout_p):
+        return _lean_attend(q, k, v, num_heads, key_padding_mask, dropout_p)
     if kernel == "auto":
         kernel = "sdpa" if q.shape[-1] == v.shape[-1] else "sdpa_padded"
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # autocast may mix fp32/bf16
@@ -149,3 +152,64 @@ def apply_attention(weights: torch.Tensor, v: torch.Tensor, dropout_p: float = 0
 def head_scale(head_dim: int) -> float:
     """1 / sqrt(head width): the dot-product scale of a head of that width."""
     return 1.0 / math.sqrt(head_dim)
+
+
+# --- CPU training with dropout: SDPA's math path holds the softmax weights, a float dropout mask and the dropped
+# weights (three [B, heads, Q, K] float tensors per attention) for the backward. This kernel does the same
+# operations in the same order, random draws included, but saves the softmax and a bool mask only and rebuilds the
+# dropped weights in the backward. Everywhere else (evaluation, no dropout, CUDA, autocast, compile) attend is SDPA.
+
+
+class _LeanAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + mask) with dropout, times v; per head: q, k [B, h, N, d], v [B, h, K, dv]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, additive_mask, p: float) -> torch.Tensor:
+        root_scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))  # SDPA's math path scales q and k by sqrt(scale) each
+        q_s, k_s = q * root_scale, k * root_scale
+        logits = q_s @ k_s.transpose(-2, -1)  # [B, h, Q, K]
+        if additive_mask is not None:
+            logits.add_(additive_mask)
+        weights = torch.ops.aten._safe_softmax(logits, -1)
+        del logits
+        noise = torch.empty_like(weights).bernoulli_(1 - p)  # as aten's CPU dropout: 1 = keep
+        keep = noise.bool()
+        out = (weights * noise.div_(1 - p)) @ v  # [B, h, Q, dv]
+        ctx.p, ctx.root_scale = p, root_scale
+        ctx.save_for_backward(q_s, k_s, v, weights, keep)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q_s, k_s, v, weights, keep = ctx.saved_tensors
+        noise = keep.to(weights.dtype).div_(1 - ctx.p)  # the forward's noise, bit for bit
+        dropped = weights * noise
+        grad_v = dropped.transpose(-2, -1) @ grad_out
+        del dropped
+        grad_weights = (grad_out @ v.transpose(-2, -1)).mul_(noise)
+        del noise
+        grad_logits = torch.ops.aten._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        grad_q = (grad_logits @ k_s).mul_(ctx.root_scale)
+        grad_k = (grad_logits.transpose(-2, -1) @ q_s).mul_(ctx.root_scale)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _lean_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
+    return (
+        0 < dropout_p < 1
+        and q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _lean_attend(q, k, v, num_heads: int, key_padding_mask=None, dropout_p: float = 0.0) -> torch.Tensor:
+    additive = None
+    if key_padding_mask is not None:  # as SDPA converts a boolean mask: 0 where attended, -inf at padding
+        zeros = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+        additive = zeros.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]  # [B, 1, 1, K]
+    qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))  # [B, heads, N, d]
+    return merge_heads(_LeanAttention.apply(qh, kh, vh, additive, dropout_p))  # [B, Q, Dv]

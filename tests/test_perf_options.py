@@ -111,13 +111,13 @@ def _graph_names(node, depth: int = 4) -> set[str]:
 
 @pytest.mark.parametrize("widths,masked", [((32, 32), True), ((64, 32), True), ((32, 32), False)])
 def test_lean_attention_equals_attend_in_training(widths, masked):
-    """Lean CPU training attention (models/lean_attention.py): attend's outputs, gradients and random stream, with
-    equal and Conditional-DETR-like unequal q/k and v widths."""
+    """attend's lean CPU training kernel (kernel "auto", conddetr/attention.py): the SDPA kernel's outputs, gradients
+    and random stream, with equal and Conditional-DETR-like unequal q/k and v widths."""
     from conddetr.attention import attend
-    from conddetr.models.lean_attention import lean_attend
 
     gen = torch.Generator().manual_seed(0)
     d_qk, d_v = widths
+    sdpa = "sdpa" if d_qk == d_v else "sdpa_padded"  # what "auto" picks outside training
     q = torch.randn(2, 7, d_qk, generator=gen, requires_grad=True)
     k = torch.randn(2, 9, d_qk, generator=gen, requires_grad=True)
     v = torch.randn(2, 9, d_v, generator=gen, requires_grad=True)
@@ -125,14 +125,14 @@ def test_lean_attention_equals_attend_in_training(widths, masked):
     mask[1, 6:] = masked
     grad = torch.randn(2, 7, d_v, generator=gen)
     results = []
-    for fn in (attend, lean_attend):
+    for kernel in (sdpa, "auto"):
         torch.manual_seed(1)
-        out = fn(q, k, v, 4, mask, 0.3)
-        assert ("_LeanAttentionBackward" in _graph_names(out.grad_fn)) == (fn is lean_attend)
+        out = attend(q, k, v, 4, mask, 0.3, kernel)
+        assert ("_LeanAttentionBackward" in _graph_names(out.grad_fn)) == (kernel == "auto")
         out.backward(grad)
         results.append((out.detach(), q.grad, k.grad, v.grad, torch.rand(3)))
         q.grad = k.grad = v.grad = None
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():  # evaluation: attend itself
-        torch.testing.assert_close(lean_attend(q, k, v, 4, mask, 0.0), attend(q, k, v, 4, mask, 0.0), rtol=0, atol=0)
+    with torch.no_grad():  # evaluation: SDPA itself
+        torch.testing.assert_close(attend(q, k, v, 4, mask, 0.0), attend(q, k, v, 4, mask, 0.0, sdpa), rtol=0, atol=0)

@@ -14,11 +14,11 @@ from conddetr.attention import (
     OutProjAttention,
     PackedAttention,
     apply_attention,
+    attend,
     attention_logits,
     cross_attention_maps,
     head_scale,
 )
-from conddetr.models.lean_attention import lean_attend, self_attention
 from conddetr.models.position import sine_embed_points
 from conddetr.models.transformer import MLP, relu_dropout
 
@@ -50,7 +50,7 @@ class DETRDecoderLayer(_FFNMixin, nn.Module):
         packed projection pieces; combined = the real attention (it also holds the content x position cross terms).
         """
         qk = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout(self_attention(self.self_attn, qk, qk, tgt)))
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt)))
 
         ca = self.multihead_attn
         q = ca.project(tgt + query_pos, 0)  # [B, Q, D]
@@ -70,7 +70,7 @@ class DETRDecoderLayer(_FFNMixin, nn.Module):
             )
             out = apply_attention(maps["combined"], v, p)  # [B, Q, D]
         else:
-            out = lean_attend(q, k, v, self.nhead, memory_mask, p)  # [B, Q, D]
+            out = attend(q, k, v, self.nhead, memory_mask, p)  # [B, Q, D]
         tgt = self.norm2(tgt + self.dropout(ca.out_proj(out)))
         return self._ffn(tgt), maps
 
@@ -119,7 +119,7 @@ class ConditionalDecoderLayer(_FFNMixin, nn.Module):
         """
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)  # [B, Q, D]
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)  # [B, Q, D]
-        tgt = self.norm1(tgt + self.dropout(self_attention(self.self_attn, q, k, self.sa_v_proj(tgt))))
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, self.sa_v_proj(tgt))))
 
         c_q = self.ca_qcontent_proj(tgt)  # [B, Q, D]
         c_k = self.ca_kcontent_proj(memory)  # [B, HW, D]
@@ -144,7 +144,7 @@ class ConditionalDecoderLayer(_FFNMixin, nn.Module):
             )
             out = apply_attention(maps["combined"], v, p)  # [B, Q, D]
         else:
-            out = lean_attend(q, k, v, self.nhead, memory_mask, p)  # [B, Q, D]
+            out = attend(q, k, v, self.nhead, memory_mask, p)  # [B, Q, D]
         tgt = self.norm2(tgt + self.dropout(ca.out_proj(out)))
         return self._ffn(tgt), maps
 

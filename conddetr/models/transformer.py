@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from conddetr.attention import PackedAttention
-from conddetr.models.lean_attention import self_attention
 
 
 class _ReluDropout(torch.autograd.Function):
@@ -74,7 +73,7 @@ class EncoderLayer(nn.Module):
     def forward(self, src: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """src, pos [B, HW, D], mask [B, HW] True = padding -> [B, HW, D]."""
         qk = src + pos
-        src = self.norm1(src + self.dropout(self_attention(self.self_attn, qk, qk, src, key_padding_mask=mask)))
+        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, key_padding_mask=mask)))
         ffn = self.linear2(relu_dropout(self.linear1(src), self.dropout.p, self.training))
         return self.norm2(src + self.dropout(ffn))
 
